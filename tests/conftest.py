@@ -1,0 +1,57 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification  # noqa: E402
+
+from vtrans.arch import Kept, adapter_for  # noqa: E402
+
+TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_model(family: str = "bert", seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "bert":
+        return BertForSequenceClassification(BertConfig(**TINY)).eval()
+    return RobertaForSequenceClassification(RobertaConfig(**TINY, pad_token_id=1, type_vocab_size=1)).eval()
+
+
+def tiny_batch(seed: int = 0, batch: int = 4, seq: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, TINY["vocab_size"], (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # some padding, so attention masks are exercised
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def random_kept(adapter, seed: int = 0, drop_blocks: bool = True) -> Kept:
+    """A kept set with different sizes in every layer, one empty attention block and one empty FFN."""
+    dims = adapter.dims()
+    g = torch.Generator().manual_seed(seed)
+
+    def some(n, low=1):
+        k = int(torch.randint(low, n + 1, (1,), generator=g))
+        return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+    attention = [True] * dims.layers
+    ffn_block = [True] * dims.layers
+    if drop_blocks:
+        attention[1] = False
+        ffn_block[dims.layers - 1] = False
+    return Kept(hidden=some(dims.hidden, 2), heads=[some(dims.heads) for _ in range(dims.layers)],
+                ffn=[some(dims.ffn) for _ in range(dims.layers)], attention=attention, ffn_block=ffn_block)
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model_and_adapter(family):
+    model = tiny_model(family)
+    return model, adapter_for(model)

@@ -1,0 +1,88 @@
+"""Masks, surgery, cost model and save/load on tiny BERT and RoBERTa models built from configs."""
+import torch
+from conftest import random_kept, tiny_batch, tiny_model
+
+from vtrans import load
+from vtrans.arch import Kept, MaskValues, adapter_for, detach_masks
+from vtrans.budget import exact_cost
+from vtrans.surgery import cut_model, masked_values, save
+
+
+def masked_logits(model, adapter, z, hidden_keep, batch):
+    values = MaskValues()
+    handles = adapter.attach_masks(values)
+    values.set(z, hidden_keep)
+    try:
+        with torch.no_grad():
+            return model(**batch).logits
+    finally:
+        detach_masks(handles)
+
+
+def random_scale(adapter, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {n: 0.5 + torch.rand(shape, generator=g) for n, shape in adapter.dims().mask_shapes().items()}
+
+
+def test_all_ones_masks_reproduce_dense_logits(model_and_adapter):
+    model, adapter = model_and_adapter
+    batch = tiny_batch()
+    with torch.no_grad():
+        dense = model(**batch).logits
+    z, hidden_keep = masked_values(Kept.dense(adapter.dims()), adapter.dims())
+    masked = masked_logits(model, adapter, z, hidden_keep, batch)
+    assert torch.allclose(dense, masked, atol=1e-5), (dense - masked).abs().max()
+
+
+def test_surgery_gives_smaller_model_with_the_masked_logits(model_and_adapter):
+    model, adapter = model_and_adapter
+    batch = tiny_batch()
+    kept = random_kept(adapter)
+    scale = random_scale(adapter)
+    z, hidden_keep = masked_values(kept, adapter.dims(), scale)
+    expected = masked_logits(model, adapter, z, hidden_keep, batch)
+    dense_params = sum(p.numel() for p in model.parameters())
+    cut_model(adapter, kept, scale)
+    with torch.no_grad():
+        got = model(**batch).logits
+    assert sum(p.numel() for p in model.parameters()) < dense_params
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_cost_model_counts_the_real_parameters(model_and_adapter):
+    model, adapter = model_and_adapter
+    dims = adapter.dims()
+    dense = exact_cost(adapter, Kept.dense(dims), seq_len=16)
+    assert dense["params"] == sum(p.numel() for p in model.parameters())
+    for seed in range(3):
+        fresh = tiny_model(model.config.model_type)
+        fresh_adapter = adapter_for(fresh)
+        kept = random_kept(fresh_adapter, seed=seed, drop_blocks=seed != 1)
+        predicted = exact_cost(fresh_adapter, kept, seq_len=16)["params"]
+        cut_model(fresh_adapter, kept)
+        assert predicted == sum(p.numel() for p in fresh.parameters())
+
+
+def test_flops_count_matches_a_hand_count():
+    model = tiny_model("bert")
+    adapter = adapter_for(model)
+    c = model.config
+    s, h, f, n_layers, labels = 16, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_labels
+    per_layer = 2 * s * 4 * h * h + 2 * 2 * s * s * h + 2 * 2 * s * h * f
+    expected = n_layers * per_layer + 2 * h * h + 2 * h * labels
+    assert exact_cost(adapter, Kept.dense(adapter.dims()), s)["flops"] == expected
+
+
+def test_save_and_load_round_trip_gives_the_same_logits(model_and_adapter, tmp_path):
+    model, adapter = model_and_adapter
+    batch = tiny_batch(seed=3)
+    kept = random_kept(adapter, seed=2)
+    cut_model(adapter, kept, random_scale(adapter))
+    with torch.no_grad():
+        before = model(**batch).logits
+    save(model, None, tmp_path / "out", {"report.json": {"ok": True}})
+    reloaded = load(tmp_path / "out")
+    with torch.no_grad():
+        after = reloaded(**batch).logits
+    assert torch.equal(before, after)
+    assert reloaded.config.vtrans["kept"] == kept.sizes()

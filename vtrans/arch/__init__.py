@@ -1,0 +1,26 @@
+"""Family adapters. `adapter_for(model)` picks the one for a model, by its config's model_type."""
+from __future__ import annotations
+
+from vtrans.arch.base import Adapter, Dims, Kept, MaskValues, detach_masks
+from vtrans.arch.bert import BertAdapter
+from vtrans.errors import UsageError
+
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter,)
+SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_class_for(model_type: str) -> type[Adapter]:
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    raise UsageError(
+        f"model type '{model_type}' is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
+        "Pass a checkpoint of one of these families.")
+
+
+def adapter_for(model) -> Adapter:
+    return adapter_class_for(model.config.model_type)(model)
+
+
+__all__ = ["Adapter", "Dims", "Kept", "MaskValues", "adapter_for", "adapter_class_for", "detach_masks",
+           "SUPPORTED_MODEL_TYPES"]

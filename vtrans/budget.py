@@ -1,0 +1,134 @@
+"""Budgets: what the user asks for (`flops=0.4`, `params=30M`), and choosing a kept set that meets it.
+
+Costs come from the family adapter (`Adapter.cost`), exact for a kept set and differentiable for expected
+counts. A budget is met when the achieved cost is at most the target and within `TOLERANCE` of it.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from vtrans.arch import Adapter, Kept
+from vtrans.errors import UsageError
+
+TOLERANCE = 0.01  # achieved cost must lie in [target * (1 - TOLERANCE), target]
+KINDS = ("flops", "params")
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # "flops" or "params"
+    value: float  # a fraction of the dense cost (0 < value <= 1), or an absolute count when absolute
+    seq_len: int  # FLOPs are counted for one sequence of this many tokens
+    absolute: bool = False
+
+    def fraction(self, dense: dict[str, float]) -> float:
+        return self.value / dense[self.kind] if self.absolute else self.value
+
+    def describe(self) -> str:
+        amount = f"{self.value:,.0f}" if self.absolute else f"{self.value:g} of dense"
+        return f"{self.kind} {amount}" + (f" at {self.seq_len} tokens" if self.kind == "flops" else "")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "value": self.value, "seq_len": self.seq_len}
+
+
+def parse_target(text: str, seq_len: int) -> Budget:
+    """`flops=0.4` (fraction of dense FLOPs), `params=0.5` or `params=30M` (absolute count)."""
+    usage = "use --target flops=F or params=P, with 0 < F, P <= 1 a fraction of the dense model, or P a count like 30M"
+    match = re.fullmatch(r"\s*(\w+)\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgG]?)\s*", text or "")
+    if not match:
+        raise UsageError(f"--target '{text}' is not understood: {usage}")
+    kind, number, suffix = match.group(1).lower(), float(match.group(2)), match.group(3).lower()
+    if kind not in KINDS:
+        raise UsageError(f"--target '{text}': unknown kind '{kind}'; {usage}")
+    if not math.isfinite(number) or number <= 0:
+        raise UsageError(f"--target '{text}': the budget must be greater than 0; {usage}")
+    absolute = bool(suffix) or number > 1
+    if absolute and kind == "flops":
+        raise UsageError(f"--target '{text}': FLOPs budgets are fractions of the dense model (0 < F <= 1)")
+    return Budget(kind=kind, value=number * _SUFFIX[suffix], seq_len=seq_len, absolute=absolute)
+
+
+def exact_cost(adapter: Adapter, kept: Kept, seq_len: int) -> dict[str, float]:
+    return {k: float(v) for k, v in adapter.cost(kept.size_tensors(), seq_len).items()}
+
+
+def check_reachable(adapter: Adapter, budget: Budget) -> None:
+    """Fail before any work if even the smallest model the structures allow is over budget."""
+    dense = exact_cost(adapter, Kept.dense(adapter.dims()), budget.seq_len)
+    smallest = exact_cost(adapter, adapter.minimal_kept(), budget.seq_len)
+    target = budget.fraction(dense)
+    floor = smallest[budget.kind] / dense[budget.kind]
+    if target > 1:
+        raise UsageError(f"--target {budget.kind}={budget.value:g} is larger than the dense model "
+                         f"({dense[budget.kind]:,.0f} {budget.kind}); ask for less")
+    if target < floor:
+        raise UsageError(f"--target {budget.kind}={budget.value:g} cannot be met: the smallest model this "
+                         f"architecture allows keeps {floor:.4f} of the dense {budget.kind} "
+                         f"({smallest[budget.kind]:,.0f}); ask for at least that")
+
+
+class _KeptState:
+    """The kept set being edited unit by unit, with counts kept up to date for cheap cost queries."""
+
+    def __init__(self, keep: dict[str, torch.Tensor]):
+        self.keep = {name: k.clone().bool() for name, k in keep.items()}
+
+    def kept(self) -> Kept:
+        k = self.keep
+        return Kept(hidden=k["hidden"].nonzero().flatten().tolist(),
+                    heads=[row.nonzero().flatten().tolist() for row in k["heads"]],
+                    ffn=[row.nonzero().flatten().tolist() for row in k["ffn"]],
+                    attention=k["attention"].tolist(), ffn_block=k["ffn_block"].tolist())
+
+    def sizes(self) -> dict[str, torch.Tensor]:
+        k = {name: v.double() for name, v in self.keep.items()}
+        return {"hidden": k["hidden"].sum(), "heads": k["heads"].sum(-1), "ffn": k["ffn"].sum(-1),
+                "attention": k["attention"], "ffn_block": k["ffn_block"]}
+
+
+def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budget,
+                keep: dict[str, torch.Tensor] | None = None) -> Kept:
+    """The kept set closest to `keep` (default: score > 0) that meets the budget.
+
+    Units are dropped lowest score first while over budget, then added back highest score first while
+    more than TOLERANCE under it, skipping any unit that would break the budget.
+    """
+    seq_len = budget.seq_len
+    dense = exact_cost(adapter, Kept.dense(adapter.dims()), seq_len)
+    target = budget.fraction(dense) * dense[budget.kind]
+    state = _KeptState(keep if keep is not None else {n: s > 0 for n, s in scores.items()})
+
+    def cost() -> float:
+        return float(adapter.cost(state.sizes(), seq_len)[budget.kind])
+
+    units = sorted(((float(s), name, idx) for name, tensor in scores.items()
+                    for idx, s in zip(_indices(tensor), tensor.flatten().tolist())), key=lambda u: u[0])
+    current = cost()
+    for _, name, idx in units:  # lowest score first
+        if current <= target:
+            break
+        if state.keep[name][idx] and not (name == "hidden" and int(state.keep["hidden"].sum()) == 1):
+            state.keep[name][idx] = False
+            current = cost()
+    for _, name, idx in reversed(units):  # highest score first
+        if current >= target * (1 - TOLERANCE):
+            break
+        if not state.keep[name][idx]:
+            state.keep[name][idx] = True
+            trial = cost()
+            if trial <= target:
+                current = trial
+            else:
+                state.keep[name][idx] = False
+    return state.kept()
+
+
+def _indices(tensor: torch.Tensor) -> list[tuple[int, ...]]:
+    return [tuple(i) for i in torch.cartesian_prod(*[torch.arange(n) for n in tensor.shape]).reshape(
+        tensor.numel(), tensor.dim()).tolist()]

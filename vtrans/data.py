@@ -1,0 +1,161 @@
+"""Task data: read a CSV / TSV / JSONL file (optionally .gz) or a `datasets` name, check it, tokenize, batch.
+
+A classification table has a `text` column, an optional `text_pair` column and a `label` column.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from vtrans.errors import UsageError
+
+DEMO_TRAIN = "rotten_tomatoes_train.csv.gz"
+DEMO_TEST = "rotten_tomatoes_test.csv.gz"
+DEFAULT_HOLDOUT = 0.1
+
+
+def demo_path(name: str) -> str:
+    return str(resources.files("vtrans") / "demo_data" / name)
+
+
+@dataclass
+class Table:
+    text: list[str]
+    labels: list
+    source: str
+    text_pair: list[str] | None = None
+
+    def __len__(self):
+        return len(self.text)
+
+    def subset(self, rows: list[int]) -> "Table":
+        pair = [self.text_pair[i] for i in rows] if self.text_pair is not None else None
+        return Table([self.text[i] for i in rows], [self.labels[i] for i in rows], self.source, pair)
+
+
+def _open_text(path: Path):
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    name = path.name[:-3] if path.suffix == ".gz" else path.name
+    try:
+        with _open_text(path) as f:
+            if name.endswith((".jsonl", ".json")):
+                rows = []
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError(f"line {number} is not a JSON object")
+                        rows.append(row)
+                return rows
+            if name.endswith((".csv", ".tsv")):
+                return list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
+    except (ValueError, UnicodeDecodeError, OSError, csv.Error, EOFError) as e:
+        raise UsageError(f"--data {path}: cannot be read ({e}); give a UTF-8 CSV, TSV or JSONL file") from None
+    raise UsageError(f"--data {path}: unknown file type; use .csv, .tsv, .jsonl or .json (optionally .gz)")
+
+
+def _read_dataset(name: str, split: str) -> list[dict]:
+    import datasets  # imported here: slow to import, and only needed for names
+
+    dataset_name, _, config = name.partition(":")
+    try:
+        return list(datasets.load_dataset(dataset_name, config or None, split=split))
+    except Exception as e:  # noqa: BLE001 - any failure to fetch is the same user error
+        raise UsageError(f"--data {name}: not a file here and `datasets.load_dataset` failed ({e}); "
+                         "give a local CSV/JSONL path or a dataset name reachable from this machine") from None
+
+
+def load_table(spec: str, split: str = "train") -> Table:
+    """Read `spec` (a file, or a `datasets` name, optionally `name:config`) and check its columns."""
+    path = Path(spec)
+    rows = _read_rows(path) if path.exists() else _read_dataset(spec, split)
+    if not rows:
+        raise UsageError(f"--data {spec}: no rows; give a file with a header and at least one example")
+    columns = set(rows[0])
+    for needed in ("text", "label"):
+        if needed not in columns:
+            raise UsageError(f"--data {spec}: no '{needed}' column (found: {', '.join(sorted(map(str, columns)))}); "
+                             "rename the columns to text[, text_pair], label")
+    missing = [i for i, row in enumerate(rows) if row.get("label") in (None, "") or row.get("text") is None]
+    if missing:
+        raise UsageError(f"--data {spec}: row {missing[0] + 1} has no text or label; "
+                         f"{len(missing)} such rows in all: fill or drop them")
+    pair = [str(r.get("text_pair") or "") for r in rows] if "text_pair" in columns else None
+    return Table([str(r["text"]) for r in rows], [r["label"] for r in rows], spec, pair)
+
+
+def label_ids(tables: list[Table], label2id: dict[str, int] | None, num_labels: int | None) -> dict:
+    """Map the labels seen in `tables` to class ids, agreeing with a trained head when there is one.
+
+    Integer labels (or their strings) are class ids; other strings use the head's label2id when it names
+    them all, else their sorted order.
+    """
+    values = sorted({str(v) for t in tables for v in t.labels})
+    if all(v.lstrip("-").isdigit() for v in values):
+        mapping = {v: int(v) for v in values}
+    elif label2id and all(v in label2id for v in values):
+        mapping = {v: int(label2id[v]) for v in values}
+    else:
+        mapping = {v: i for i, v in enumerate(values)}
+    bad = [v for v, i in mapping.items() if i < 0 or (num_labels is not None and i >= num_labels)]
+    if bad:
+        raise UsageError(f"--data {tables[0].source}: label {bad[0]!r} does not fit the model's "
+                         f"{num_labels}-class head; use labels 0..{(num_labels or 1) - 1} or the head's label names")
+    return mapping
+
+
+def holdout_split(table: Table, fraction: float, seed: int) -> tuple[Table, Table]:
+    """A reproducible, label-stratified held-out part of `table`."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(table.labels):
+        by_label.setdefault(str(label), []).append(i)
+    held = []
+    for rows in by_label.values():
+        rng.shuffle(rows)
+        held += rows[: max(1, round(fraction * len(rows)))] if len(rows) > 1 else []
+    held_set = set(held)
+    if not held or len(held_set) == len(table):
+        raise UsageError(f"--data {table.source}: too few rows ({len(table)}) to hold out an evaluation part; "
+                         "add rows or pass --eval-data")
+    return table.subset([i for i in range(len(table)) if i not in held_set]), table.subset(sorted(held))
+
+
+class Encoded(torch.utils.data.Dataset):
+    """Tokenized examples; batches are padded to their longest member."""
+
+    def __init__(self, table: Table, tokenizer, label_map: dict, max_length: int):
+        pair = table.text_pair
+        enc = tokenizer(table.text, pair, truncation=True, max_length=max_length)
+        self.features = [{k: enc[k][i] for k in enc} for i in range(len(table))]
+        self.labels = [label_map[str(v)] for v in table.labels]
+        self.pad = tokenizer.pad
+        self.max_length = max_length
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return self.features[i], self.labels[i]
+
+    def collate(self, items):
+        batch = self.pad([f for f, _ in items], return_tensors="pt")
+        batch["labels"] = torch.tensor([label for _, label in items])
+        return dict(batch)
+
+    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle,
+                                           collate_fn=self.collate, generator=generator)

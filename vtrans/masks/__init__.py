@@ -1,0 +1,3 @@
+from vtrans.masks.vib import VIBMask, VIBMasks
+
+__all__ = ["VIBMask", "VIBMasks"]

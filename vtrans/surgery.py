@@ -1,0 +1,121 @@
+"""Masks -> a physically smaller dense model; saving it atomically and loading it back in one call.
+
+A compressed model is saved as an ordinary Hugging Face checkpoint (safetensors, config, tokenizer) whose
+config keeps the dense architecture plus a `vtrans` entry recording each layer's kept sizes. `load` builds
+the dense architecture, cuts it to those sizes with the family adapter, then reads the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from vtrans.arch import Adapter, Dims, Kept, adapter_class_for
+from vtrans.errors import UsageError
+
+
+def indicators(kept: Kept, dims: Dims) -> dict[str, torch.Tensor]:
+    """0/1 tensors (shaped like the masks) of the units `kept` keeps."""
+    out = {name: torch.zeros(shape) for name, shape in dims.mask_shapes().items()}
+    out["hidden"][kept.hidden] = 1
+    for i in range(dims.layers):
+        out["heads"][i, kept.heads[i]] = 1
+        out["ffn"][i, kept.ffn[i]] = 1
+    out["attention"][:] = torch.tensor(kept.attention, dtype=torch.float)
+    out["ffn_block"][:] = torch.tensor(kept.ffn_block, dtype=torch.float)
+    return out
+
+
+def masked_values(kept: Kept, dims: Dims, scale: dict[str, torch.Tensor] | None = None):
+    """The mask values (batch axis of 1) and hidden keep set that make a masked model equal the cut one."""
+    keep = indicators(kept, dims)
+    z = {name: (keep[name] * (scale[name] if scale is not None else 1)).unsqueeze(0) for name in keep}
+    return z, keep["hidden"]
+
+
+def cut_model(adapter: Adapter, kept: Kept, scale: dict[str, torch.Tensor] | None = None) -> None:
+    """Fold `scale` (e.g. the VIB mu) of the kept units into the weights, then cut the rest away (in place)."""
+    if scale is not None:
+        z, _ = masked_values(kept, adapter.dims(), scale)
+        adapter.fold({name: v.squeeze(0) for name, v in z.items()})
+    adapter.cut(kept)
+    adapter.model.config.vtrans = {"family": adapter.family, "kept": kept.sizes()}
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path, overwrite: bool = False):
+    """Yield a temporary sibling to write into; it becomes `out_dir` only when the block succeeds.
+
+    A failure removes the temporary directory and leaves any previous `out_dir` untouched.
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; name a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out_dir} exists and is not empty; pass --overwrite or name another directory")
+
+
+def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = None,
+         overwrite: bool = False) -> Path:
+    """Write model (safetensors), tokenizer and JSON files to `out_dir`, all or nothing."""
+    with atomic_directory(out_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint directory, from safetensors only (never a pickle)."""
+    single = path / "model.safetensors"
+    if single.exists():
+        return load_file(single)
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        raise UsageError(f"{path} holds no model.safetensors; point at a directory written by vtrans")
+    state = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(path / shard))
+    return state
+
+
+def load(path: str | os.PathLike):
+    """A compressed model saved by vtrans, ready to use (eval mode), in one call."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise UsageError(f"{path} is not a vtrans model directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(path)
+    record = getattr(config, "vtrans", None)
+    model_class = getattr(transformers, config.architectures[0])
+    model = model_class(config)
+    if record is not None:
+        adapter = adapter_class_for(config.model_type)(model)
+        adapter.cut(Kept.from_sizes(record["kept"]))
+    model.load_state_dict(read_state_dict(path), strict=True)
+    return model.eval()
