@@ -5,6 +5,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models gain nothing from threads; leave the other core to the machine
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification  # noqa: E402
 
 from vtrans.arch import Kept, adapter_for  # noqa: E402
@@ -55,3 +57,47 @@ def family(request):
 def model_and_adapter(family):
     model = tiny_model(family)
     return model, adapter_for(model)
+
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "plot", "was", "acting", "very", "quite"]
+
+
+def write_tiny_checkpoint(path, family: str = "bert", with_head: bool = True, seed: int = 0):
+    """A tiny model plus a word-level tokenizer, saved like a Hub checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    model = tiny_model(family, seed)
+    if family == "roberta":
+        model.config.pad_token_id = 0
+    if not with_head:
+        model = model.base_model
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_sentiment_csv(path, rows: int = 96, seed: int = 0, label_column: str = "label"):
+    """Sentences whose label is whether a positive word appears: learnable by a tiny model."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", label_column])
+        for i in range(rows):
+            label = i % 2
+            word = rng.choice(WORDS[:3] if label else WORDS[3:6])
+            filler = rng.sample(WORDS[6:], 4)
+            writer.writerow([" ".join(filler[:2] + [word] + filler[2:]), label])
+    return path

@@ -1,4 +1,5 @@
 """vtrans: make pre-trained transformers physically smaller and faster under a budget."""
+from vtrans.api import compress
 from vtrans.surgery import load
 
-__all__ = ["load"]
+__all__ = ["compress", "load"]

@@ -73,6 +73,14 @@ def check_reachable(adapter: Adapter, budget: Budget) -> None:
                          f"({smallest[budget.kind]:,.0f}); ask for at least that")
 
 
+def kept_from_keep(keep: dict[str, torch.Tensor]) -> Kept:
+    """The Kept record of boolean tensors shaped like the masks."""
+    return Kept(hidden=keep["hidden"].nonzero().flatten().tolist(),
+                heads=[row.nonzero().flatten().tolist() for row in keep["heads"]],
+                ffn=[row.nonzero().flatten().tolist() for row in keep["ffn"]],
+                attention=keep["attention"].tolist(), ffn_block=keep["ffn_block"].tolist())
+
+
 class _KeptState:
     """The kept set being edited unit by unit, with counts kept up to date for cheap cost queries."""
 
@@ -80,11 +88,7 @@ class _KeptState:
         self.keep = {name: k.clone().bool() for name, k in keep.items()}
 
     def kept(self) -> Kept:
-        k = self.keep
-        return Kept(hidden=k["hidden"].nonzero().flatten().tolist(),
-                    heads=[row.nonzero().flatten().tolist() for row in k["heads"]],
-                    ffn=[row.nonzero().flatten().tolist() for row in k["ffn"]],
-                    attention=k["attention"].tolist(), ffn_block=k["ffn_block"].tolist())
+        return kept_from_keep(self.keep)
 
     def sizes(self) -> dict[str, torch.Tensor]:
         k = {name: v.double() for name, v in self.keep.items()}
@@ -97,35 +101,58 @@ def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budge
     """The kept set closest to `keep` (default: score > 0) that meets the budget.
 
     Units are dropped lowest score first while over budget, then added back highest score first while
-    more than TOLERANCE under it, skipping any unit that would break the budget.
+    more than TOLERANCE under it, skipping any unit that would break the budget. If only coarse units are
+    left to add (a hidden dim costs a share of every layer), the best of them goes back in and FFN neurons,
+    the finest units, make room for it.
     """
     seq_len = budget.seq_len
     dense = exact_cost(adapter, Kept.dense(adapter.dims()), seq_len)
     target = budget.fraction(dense) * dense[budget.kind]
+    floor = target * (1 - TOLERANCE)
     state = _KeptState(keep if keep is not None else {n: s > 0 for n, s in scores.items()})
 
     def cost() -> float:
         return float(adapter.cost(state.sizes(), seq_len)[budget.kind])
 
+    def drop(units, until: float) -> float:
+        current = cost()
+        for _, name, idx in units:
+            if current <= until:
+                break
+            if state.keep[name][idx] and not (name == "hidden" and int(state.keep["hidden"].sum()) == 1):
+                state.keep[name][idx] = False
+                current = cost()
+        return current
+
+    def fill(units) -> float:
+        current = cost()
+        for _, name, idx in units:
+            if current >= floor:
+                break
+            if not state.keep[name][idx]:
+                state.keep[name][idx] = True
+                trial = cost()
+                if trial <= target:
+                    current = trial
+                else:
+                    state.keep[name][idx] = False
+        return current
+
     units = sorted(((float(s), name, idx) for name, tensor in scores.items()
                     for idx, s in zip(_indices(tensor), tensor.flatten().tolist())), key=lambda u: u[0])
-    current = cost()
-    for _, name, idx in units:  # lowest score first
-        if current <= target:
+    drop(units, target)
+    current = fill(units[::-1])
+    for _ in range(8):
+        if current >= floor:
             break
-        if state.keep[name][idx] and not (name == "hidden" and int(state.keep["hidden"].sum()) == 1):
-            state.keep[name][idx] = False
-            current = cost()
-    for _, name, idx in reversed(units):  # highest score first
-        if current >= target * (1 - TOLERANCE):
+        coarse = next(((n, i) for _, n, i in reversed(units) if n != "ffn" and not state.keep[n][i]), None)
+        if coarse is None:
             break
-        if not state.keep[name][idx]:
-            state.keep[name][idx] = True
-            trial = cost()
-            if trial <= target:
-                current = trial
-            else:
-                state.keep[name][idx] = False
+        state.keep[coarse[0]][coarse[1]] = True
+        if drop([u for u in units if u[1] == "ffn"], target) > target:
+            state.keep[coarse[0]][coarse[1]] = False  # not enough neurons to make room: give up on it
+            break
+        current = fill(units[::-1])
     return state.kept()
 
 

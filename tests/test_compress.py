@@ -1,0 +1,103 @@
+"""compress() and the `vtrans compress` command end to end on tiny checkpoints written by the tests."""
+import json
+
+import pytest
+import torch
+from conftest import write_sentiment_csv, write_tiny_checkpoint
+from transformers import AutoTokenizer
+
+import vtrans
+from vtrans.cli import main
+
+FAST = dict(prune_epochs=1.0, recover_epochs=0.5, teacher_epochs=2.0, batch_size=16, max_length=16,
+            latency_batch=2, latency_seq_len=8)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VTRANS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("target", ["flops=0.5", "params=0.6"])
+def test_compress_meets_budget_and_reloads(tmp_path, family, target):
+    ckpt = write_tiny_checkpoint(tmp_path / "model", family)
+    data = write_sentiment_csv(tmp_path / "train.csv")
+    result = vtrans.compress(str(ckpt), str(data), target=target, out=tmp_path / "out", say=lambda m: None, **FAST)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["budget"]["met"]
+    kind, value = target.split("=")
+    achieved = report["compressed"][kind] / report["dense"][kind]
+    assert float(value) * 0.99 <= achieved <= float(value)
+    assert report["compressed"]["params"] == sum(p.numel() for p in result.model.parameters())
+    assert len(report["kept"]["layers"]) == 3 and report["compression_seconds"] > 0
+    assert {"task", "kl", "expected_cost", "target"} <= set(json.loads(
+        (tmp_path / "out" / "training_log.json").read_text())[0])
+
+    reloaded = vtrans.load(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    batch = tokenizer(["the movie was good", "the plot was awful very"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(result.model(**batch).logits, reloaded(**batch).logits)
+
+
+def test_a_model_without_a_head_gets_a_cached_teacher(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "model", with_head=False)
+    data = write_sentiment_csv(tmp_path / "train.csv")
+    said = []
+    options = FAST | dict(teacher_epochs=20.0, teacher_lr=2e-3)
+    result = vtrans.compress(str(ckpt), str(data), target="flops=0.6", out=tmp_path / "a", say=said.append, **options)
+    assert any("fine-tuning a teacher" in m for m in said)
+    assert any("holding out" in m for m in said)
+    assert result.report["dense"]["metric"]["accuracy"] > 0.8  # the teacher learned the toy task
+    said.clear()
+    vtrans.compress(str(ckpt), str(data), target="flops=0.6", out=tmp_path / "b", say=said.append, **options)
+    assert any("fine-tuned earlier" in m for m in said) and not any("fine-tuning a teacher" in m for m in said)
+
+
+def run_cli(args, capsys):
+    code = main(["compress", "--max-length", "16", *map(str, args)])  # the tiny models have 64 positions
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2Model
+
+    ckpt = write_tiny_checkpoint(tmp_path / "model")
+    data = write_sentiment_csv(tmp_path / "train.csv")
+    out = tmp_path / "out"
+    gpt = tmp_path / "gpt"
+    GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)).save_pretrained(gpt)
+    no_label = write_sentiment_csv(tmp_path / "nolabel.csv", label_column="sentiment")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("user's file")
+    cases = [
+        ([gpt, "--data", data, "--out", out], "model type 'gpt2' is not supported"),
+        ([ckpt, "--data", data, "--target", "flops=0", "--out", out], "greater than 0"),
+        ([ckpt, "--data", data, "--target", "params=0.0001", "--out", out], "cannot be met"),
+        ([ckpt, "--data", no_label, "--out", out], "no 'label' column"),
+        ([ckpt, "--data", data, "--out", busy], "--overwrite"),
+        ([ckpt, "--data", tmp_path / "missing.csv", "--out", out], "--data"),
+        ([ckpt, "--data", data, "--max-length", 1000, "--out", out], "positions"),
+    ]
+    for args, message in cases:
+        code, err = run_cli(args, capsys)
+        assert code == 2, (args, err)
+        assert message in err and "Traceback" not in err, (args, err)
+        assert err.count("\n") == 1, err
+        assert not out.exists()
+    assert (busy / "keep.txt").read_text() == "user's file"
+
+
+def test_failure_while_saving_leaves_no_directory(tmp_path, monkeypatch):
+    ckpt = write_tiny_checkpoint(tmp_path / "model")
+    data = write_sentiment_csv(tmp_path / "train.csv")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        vtrans.compress(str(ckpt), str(data), target="flops=0.5", out=tmp_path / "out", say=lambda m: None, **FAST)
+    assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]  # neither out/ nor a partial sibling

@@ -1,0 +1,132 @@
+"""The public face: `compress()` turns a model, data and a budget into a smaller model in a directory."""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vtrans.arch import Kept, adapter_for
+from vtrans.budget import TOLERANCE, check_reachable, exact_cost, parse_target
+from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, Encoded, demo_path, holdout_split, load_table
+from vtrans.errors import UsageError
+from vtrans.evaluate import accuracy, latency_ms
+from vtrans.methods import METHODS
+from vtrans.methods.base import Job
+from vtrans.methods.vtrans import VTransSettings
+from vtrans.report import build_report
+from vtrans.surgery import check_output_dir, load, save
+from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config, load_teacher
+
+
+@dataclass
+class Options:
+    """Everything `compress` can be told besides model, data, target, method and out."""
+
+    eval_data: str | None = None
+    max_length: int = 128  # tokens per example; FLOPs budgets are counted at this length
+    batch_size: int = 32
+    seed: int = 0
+    overwrite: bool = False
+    holdout: float = DEFAULT_HOLDOUT  # share of DATA held out for evaluation when no eval_data is given
+    teacher_epochs: float = 1.0
+    teacher_lr: float = 5e-5
+    prune_epochs: float = 1.0
+    recover_epochs: float = 1.0
+    latency_batch: int = 32
+    latency_seq_len: int = 64
+
+
+@dataclass
+class Result:
+    model: torch.nn.Module
+    report: dict
+    out: Path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compress(model: str | None = None, data: str | None = None, target: str = "flops=0.4",
+             method: str = "vtrans", out: str | Path = "vtrans-out", say=print, **options) -> Result:
+    """Compress MODEL on DATA to the budget `target` with `method`; write the model and report.json to `out`.
+
+    With neither model nor data, the shipped demo: all-MiniLM-L6-v2 on Rotten Tomatoes sentiment.
+    Options are the fields of `Options` (e.g. eval_data=, max_length=, seed=, prune_epochs=).
+    """
+    unknown = set(options) - {f.name for f in fields(Options)}
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    opts = Options(**options)
+    started = time.perf_counter()
+
+    # Everything a user can get wrong is checked before any training starts.
+    if method not in METHODS:
+        raise UsageError(f"--method {method} is unknown; choose one of: {', '.join(METHODS)}")
+    budget = parse_target(target, opts.max_length)
+    out = Path(out)
+    check_output_dir(out, opts.overwrite)
+    model_label = model or DEFAULT_MODEL_NAME
+    model_name = model or default_model_path()
+    if data is None:
+        data, opts.eval_data = demo_path(DEMO_TRAIN), opts.eval_data or demo_path(DEMO_TEST)
+        say(f"vtrans: no data given: using the bundled Rotten Tomatoes demo ({DEMO_TRAIN}, {DEMO_TEST})")
+    config = load_config(model_name)
+    if opts.max_length > config.max_position_embeddings:
+        raise UsageError(f"--max-length {opts.max_length} exceeds the model's "
+                         f"{config.max_position_embeddings} positions; use at most that")
+    train = load_table(data)
+    if opts.eval_data:
+        evaluation = load_table(opts.eval_data, split="validation")
+    else:
+        train, evaluation = holdout_split(train, opts.holdout, opts.seed)
+        say(f"vtrans: no --eval-data: holding out {len(evaluation)} of {len(train) + len(evaluation)} rows "
+            f"({opts.holdout:.0%}, stratified, seed {opts.seed}) of {data} for evaluation")
+
+    seed_everything(opts.seed)
+    teacher = load_teacher(model_name, train, evaluation, opts.max_length, opts.batch_size,
+                           opts.teacher_epochs, opts.teacher_lr, opts.seed, say=say)
+    teacher_adapter = adapter_for(teacher.model)
+    check_reachable(teacher_adapter, budget)
+    teacher.model.requires_grad_(False)
+    encode = lambda table: Encoded(table, teacher.tokenizer, teacher.label_map, opts.max_length)  # noqa: E731
+    train_loader = encode(train).loader(opts.batch_size, shuffle=True, seed=opts.seed)
+    eval_loader = encode(evaluation).loader(64)
+
+    dense_metric = accuracy(teacher.model, eval_loader, "evaluating dense")
+    dense_kept = Kept.dense(teacher_adapter.dims())
+    dense_cost = exact_cost(teacher_adapter, dense_kept, budget.seq_len)
+
+    seed_everything(opts.seed)
+    student = copy.deepcopy(teacher.model)
+    job = Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher.model,
+              budget=budget, train_loader=train_loader, seed=opts.seed)
+    settings = VTransSettings(prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs)
+    outcome = METHODS[method](job, settings)
+    compression_seconds = time.perf_counter() - started
+
+    compressed = outcome.model.eval()
+    compressed_cost = exact_cost(teacher_adapter, outcome.kept, budget.seq_len)
+    compressed_metric = accuracy(compressed, eval_loader, "evaluating compressed")
+    latency = latency_ms({"dense": teacher.model, "compressed": compressed}, opts.latency_batch,
+                         opts.latency_seq_len, vocab_size=teacher.tokenizer.vocab_size)
+    report = build_report(
+        method=method, model=model_label, data=data, eval_data=opts.eval_data or f"{opts.holdout:.0%} of data",
+        budget=budget, dense_cost=dense_cost, compressed_cost=compressed_cost, dense_metric=dense_metric,
+        compressed_metric=compressed_metric, latency=latency, latency_shape=(opts.latency_batch,
+                                                                            opts.latency_seq_len),
+        kept=outcome.kept, compression_seconds=compression_seconds, teacher_cache=teacher.fine_tuned_at,
+        seed=opts.seed, tolerance=TOLERANCE)
+    save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
+         overwrite=opts.overwrite)
+    return Result(model=compressed, report=report, out=out)
+
+
+__all__ = ["compress", "load", "Options", "Result"]

@@ -1,0 +1,105 @@
+"""VTrans: VIB masks on every structure, trained with the weights, the task loss, distillation from the dense
+teacher and a Lagrangian that drives the expected cost to the budget; then the kept set is fixed to meet the
+budget exactly, mu is folded into the weights, the model is cut, and a short distillation recovers accuracy.
+
+Loss while pruning:
+    task + distillation + kl_weight * mean_KL + lambda1 * (s - t) + lambda2 * (s - t)^2
+where s is the expected cost (a fraction of the dense cost, from the masks' keep probabilities) and t the
+target, ramped from 1 down to the budget over the first `ramp` part of pruning (iterative pruning); the
+lambdas follow gradient ascent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vtrans.arch import Kept, MaskValues, detach_masks
+from vtrans.budget import exact_cost, kept_from_keep, select_kept
+from vtrans.masks import VIBMasks
+from vtrans.methods.base import Job, Outcome
+from vtrans.surgery import cut_model
+from vtrans.training import DistillWeights, batches, distill, distill_loss, steps_for
+
+
+@dataclass
+class VTransSettings:
+    prune_epochs: float = 1.0
+    recover_epochs: float = 1.0
+    lr: float = 3e-5  # weights, while pruning and recovering
+    mask_lr: float = 0.1
+    lagrangian_lr: float = 0.05
+    kl_weight: float = 0.01  # on the KL averaged over units
+    ramp: float = 0.6  # share of pruning steps over which the target goes from 1 to the budget
+    keep_temperature: float = 1.0  # of the sigmoid(log_alpha / T) keep probability in the expected cost
+    log_sigma2_init: float = -6.0
+    log_every: int = 10
+    distill: DistillWeights = field(default_factory=DistillWeights)
+
+
+def prune(job: Job, settings: VTransSettings, train_weights: bool = True) -> tuple[Kept, dict, list]:
+    """Train VIB masks (and the weights, unless frozen) under the Lagrangian; return the kept set meeting the
+    budget, the mu of every unit, and the training log."""
+    model, adapter, budget = job.model, job.adapter, job.budget
+    dims = adapter.dims()
+    dense = exact_cost(adapter, Kept.dense(dims), budget.seq_len)
+    target = budget.fraction(dense)
+    masks = VIBMasks(dims.mask_shapes(), log_sigma2_init=settings.log_sigma2_init)
+    lambdas = torch.zeros(2, requires_grad=True)
+    optimizers = [torch.optim.Adam(masks.parameters(), lr=settings.mask_lr),
+                  torch.optim.Adam([lambdas], lr=settings.lagrangian_lr, maximize=True)]
+    if train_weights:
+        optimizers.append(torch.optim.AdamW(model.parameters(), lr=settings.lr))
+    else:
+        model.requires_grad_(False)
+    values = MaskValues()
+    handles = adapter.attach_masks(values)
+    steps = steps_for(settings.prune_epochs, job.train_loader)
+    ramp_steps = max(1, int(settings.ramp * steps))
+    log = []
+    model.train(train_weights)
+    try:
+        for step, batch in batches(job.train_loader, steps, f"{job.method}: pruning"):
+            labels = batch.pop("labels")
+            with torch.no_grad():
+                teacher_out = job.teacher(**batch, output_hidden_states=True)
+            hidden_keep = masks.hidden_keep()
+            values.set(masks.sample(labels.shape[0]), hidden_keep)
+            losses = distill_loss(model(**batch, output_hidden_states=True), teacher_out, labels,
+                                  batch["attention_mask"], settings.distill, hidden_keep=hidden_keep)
+            expected = adapter.cost(masks.expected_sizes(settings.keep_temperature), budget.seq_len)
+            s = expected[budget.kind] / dense[budget.kind]
+            t = 1 - (1 - target) * min(1.0, (step + 1) / ramp_steps)
+            gap = s - t
+            lagrangian = lambdas[0] * gap + lambdas[1] * gap * gap
+            kl = masks.kl() / masks.num_units()
+            (losses["loss"] + settings.kl_weight * kl + lagrangian).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if step % settings.log_every == 0 or step == steps - 1:
+                now = kept_from_keep({name: m.keep() for name, m in masks.groups.items()})
+                log.append({"phase": "prune", "step": step, "task": float(losses["task"]),
+                            "distill": float(losses["distill"]), "kl": kl.item(),
+                            "expected_cost": s.item(), "target": t,
+                            "kept_cost": exact_cost(adapter, now, budget.seq_len)[budget.kind] / dense[budget.kind],
+                            "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()})
+    finally:
+        detach_masks(handles)
+        values.set(None)
+        model.requires_grad_(True)
+    scores = masks.log_alphas()
+    kept = select_kept(adapter, scores, budget)
+    mu = {name: m.mu.detach().clone() for name, m in masks.groups.items()}
+    return kept, mu, log
+
+
+def run(job: Job, settings: VTransSettings | None = None) -> Outcome:
+    settings = settings or VTransSettings()
+    kept, mu, log = prune(job, settings)
+    cut_model(job.adapter, kept, mu)
+    hidden_index = torch.tensor(kept.hidden, dtype=torch.long)
+    distill(job.model, job.teacher, job.train_loader, settings.recover_epochs, settings.lr, settings.distill,
+            hidden_index=hidden_index, desc=f"{job.method}: recovering", log=log)
+    return Outcome(model=job.model, kept=kept, log=log)
+

