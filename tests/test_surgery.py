@@ -1,4 +1,5 @@
 """Masks, surgery, cost model and save/load on tiny BERT and RoBERTa models built from configs."""
+import pytest
 import torch
 from conftest import random_kept, tiny_batch, tiny_model
 
@@ -34,11 +35,12 @@ def test_all_ones_masks_reproduce_dense_logits(model_and_adapter):
     assert torch.allclose(dense, masked, atol=1e-5), (dense - masked).abs().max()
 
 
-def test_surgery_gives_smaller_model_with_the_masked_logits(model_and_adapter):
+@pytest.mark.parametrize("scaled", [True, False])
+def test_surgery_gives_smaller_model_with_the_masked_logits(model_and_adapter, scaled):
     model, adapter = model_and_adapter
     batch = tiny_batch()
     kept = random_kept(adapter)
-    scale = random_scale(adapter)
+    scale = random_scale(adapter) if scaled else None
     z, hidden_keep = masked_values(kept, adapter.dims(), scale)
     expected = masked_logits(model, adapter, z, hidden_keep, batch)
     dense_params = sum(p.numel() for p in model.parameters())

@@ -40,10 +40,12 @@ def masked_values(kept: Kept, dims: Dims, scale: dict[str, torch.Tensor] | None 
 
 
 def cut_model(adapter: Adapter, kept: Kept, scale: dict[str, torch.Tensor] | None = None) -> None:
-    """Fold `scale` (e.g. the VIB mu) of the kept units into the weights, then cut the rest away (in place)."""
-    if scale is not None:
-        z, _ = masked_values(kept, adapter.dims(), scale)
-        adapter.fold({name: v.squeeze(0) for name, v in z.items()})
+    """Fold `scale` (e.g. the VIB mu) of the kept units into the weights, then cut the rest away (in place).
+
+    Folding the 0/1 keep values too matters: a dropped block's output bias must become zero.
+    """
+    z, _ = masked_values(kept, adapter.dims(), scale)
+    adapter.fold({name: v.squeeze(0) for name, v in z.items()})
     adapter.cut(kept)
     adapter.model.config.vtrans = {"family": adapter.family, "kept": kept.sizes()}
 
