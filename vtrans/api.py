@@ -17,7 +17,6 @@ from vtrans.errors import UsageError
 from vtrans.evaluate import accuracy, latency_ms
 from vtrans.methods import METHODS
 from vtrans.methods.base import Job
-from vtrans.methods.vtrans import VTransSettings
 from vtrans.report import build_report
 from vtrans.surgery import check_output_dir, load, save
 from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config, load_teacher
@@ -35,8 +34,10 @@ class Options:
     holdout: float = DEFAULT_HOLDOUT  # share of DATA held out for evaluation when no eval_data is given
     teacher_epochs: float = 1.0
     teacher_lr: float = 5e-5
-    prune_epochs: float = 1.0
-    recover_epochs: float = 1.0
+    prune_epochs: float | None = None  # None: the method's default (1 epoch; 10 over a sample)
+    recover_epochs: float | None = None
+    data_fraction: float = 0.03  # fast-vtrans and faster-vtrans learn from this label-stratified share
+    recover_steps: int = 0  # faster-vtrans: distillation steps after the cut
     latency_batch: int = 32
     latency_seq_len: int = 64
 
@@ -70,6 +71,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     # Everything a user can get wrong is checked before any training starts.
     if method not in METHODS:
         raise UsageError(f"--method {method} is unknown; choose one of: {', '.join(METHODS)}")
+    if not 0 < opts.data_fraction <= 1:
+        raise UsageError(f"--data-fraction {opts.data_fraction} must be in (0, 1]")
     budget = parse_target(target, opts.max_length)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
@@ -97,7 +100,6 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     check_reachable(teacher_adapter, budget)
     teacher.model.requires_grad_(False)
     encode = lambda table: Encoded(table, teacher.tokenizer, teacher.label_map, opts.max_length)  # noqa: E731
-    train_loader = encode(train).loader(opts.batch_size, shuffle=True, seed=opts.seed)
     eval_loader = encode(evaluation).loader(64)
 
     dense_metric = accuracy(teacher.model, eval_loader, "evaluating dense")
@@ -107,9 +109,10 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     seed_everything(opts.seed)
     student = copy.deepcopy(teacher.model)
     job = Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher.model,
-              budget=budget, train_loader=train_loader, seed=opts.seed)
-    settings = VTransSettings(prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs)
-    outcome = METHODS[method](job, settings)
+              budget=budget, train=encode(train), batch_size=opts.batch_size, seed=opts.seed,
+              prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs,
+              data_fraction=opts.data_fraction, recover_steps=opts.recover_steps)
+    outcome = METHODS[method](job)
     compression_seconds = time.perf_counter() - started
 
     compressed = outcome.model.eval()

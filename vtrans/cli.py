@@ -35,8 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of --data held out when no --eval-data is given")
     c.add_argument("--teacher-epochs", type=float, default=DEFAULTS.teacher_epochs,
                    help="fine-tuning epochs when MODEL has no trained head for the labels")
-    c.add_argument("--prune-epochs", type=float, default=DEFAULTS.prune_epochs)
-    c.add_argument("--recover-epochs", type=float, default=DEFAULTS.recover_epochs)
+    c.add_argument("--prune-epochs", type=float, default=DEFAULTS.prune_epochs,
+                   help="epochs of mask training (default: 1; 10 over the sample for fast/faster-vtrans)")
+    c.add_argument("--recover-epochs", type=float, default=DEFAULTS.recover_epochs,
+                   help="epochs of distillation into the cut model (default: as --prune-epochs)")
+    c.add_argument("--data-fraction", type=float, default=DEFAULTS.data_fraction,
+                   help="share of the data fast-vtrans and faster-vtrans learn from (default: 0.03)")
+    c.add_argument("--recover-steps", type=int, default=DEFAULTS.recover_steps,
+                   help="faster-vtrans: distillation steps after the cut (default: 0)")
     return parser
 
 
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                               eval_data=args.eval_data, max_length=args.max_length, batch_size=args.batch_size,
                               seed=args.seed, overwrite=args.overwrite, holdout=args.holdout,
                               teacher_epochs=args.teacher_epochs, prune_epochs=args.prune_epochs,
-                              recover_epochs=args.recover_epochs)
+                              recover_epochs=args.recover_epochs, data_fraction=args.data_fraction,
+                              recover_steps=args.recover_steps)
             print(summary(result.report, result.out))
     except UsageError as e:
         if args.debug:

@@ -116,21 +116,26 @@ def label_ids(tables: list[Table], label2id: dict[str, int] | None, num_labels: 
     return mapping
 
 
-def holdout_split(table: Table, fraction: float, seed: int) -> tuple[Table, Table]:
-    """A reproducible, label-stratified held-out part of `table`."""
+def stratified_indices(labels: list, fraction: float, seed: int) -> list[int]:
+    """A reproducible, label-stratified sample of about `fraction` of the rows (at least one per label)."""
     rng = random.Random(seed)
     by_label: dict[str, list[int]] = {}
-    for i, label in enumerate(table.labels):
+    for i, label in enumerate(labels):
         by_label.setdefault(str(label), []).append(i)
-    held = []
+    chosen = []
     for rows in by_label.values():
         rng.shuffle(rows)
-        held += rows[: max(1, round(fraction * len(rows)))] if len(rows) > 1 else []
-    held_set = set(held)
-    if not held or len(held_set) == len(table):
+        chosen += rows[: max(1, round(fraction * len(rows)))]
+    return sorted(chosen)
+
+
+def holdout_split(table: Table, fraction: float, seed: int) -> tuple[Table, Table]:
+    """A reproducible, label-stratified held-out part of `table`."""
+    held = set(stratified_indices(table.labels, fraction, seed))
+    if len(held) >= len(table) or len(table) - len(held) < 2:
         raise UsageError(f"--data {table.source}: too few rows ({len(table)}) to hold out an evaluation part; "
                          "add rows or pass --eval-data")
-    return table.subset([i for i in range(len(table)) if i not in held_set]), table.subset(sorted(held))
+    return table.subset([i for i in range(len(table)) if i not in held]), table.subset(sorted(held))
 
 
 class Encoded(torch.utils.data.Dataset):
@@ -155,7 +160,9 @@ class Encoded(torch.utils.data.Dataset):
         batch["labels"] = torch.tensor([label for _, label in items])
         return dict(batch)
 
-    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0):
+    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, indices: list[int] | None = None):
+        """Batches of all examples, or of the examples at `indices`."""
+        data = self if indices is None else torch.utils.data.Subset(self, indices)
         generator = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle,
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
                                            collate_fn=self.collate, generator=generator)

@@ -74,10 +74,9 @@ def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning t
     model.eval()
 
 
-def distill(student, teacher, loader, epochs: float, lr: float, weights: DistillWeights,
+def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights,
             hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None) -> None:
-    """Train a (cut) student to match the teacher; its structure is fixed."""
-    steps = steps_for(epochs, loader)
+    """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed."""
     if not steps:
         return
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)

@@ -148,9 +148,13 @@ class Adapter:
         """Replace every pruned layer by a smaller dense one holding only the kept units (in place)."""
         raise NotImplementedError
 
-    def hidden_states(self, outputs) -> tuple[torch.Tensor, ...]:
-        """The per-layer residual stream from a forward with output_hidden_states=True (for distillation)."""
-        return outputs.hidden_states
+    def layer_modules(self) -> nn.ModuleList:
+        """The transformer layers, in order: each maps the residual stream to the next."""
+        raise NotImplementedError
+
+    def head_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The task logits from the last layer's output (what the model's head does after the layers)."""
+        raise NotImplementedError
 
     def minimal_kept(self) -> Kept:
         """The smallest model the structures allow: one hidden dim, no attention or FFN blocks."""

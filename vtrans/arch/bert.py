@@ -96,6 +96,14 @@ class BertAdapter(Adapter):
         return Dims(hidden=config.hidden_size, layers=config.num_hidden_layers,
                     heads=config.num_attention_heads, head_dim=head_dim, ffn=config.intermediate_size)
 
+    def layer_modules(self) -> nn.ModuleList:
+        return self.layers
+
+    def head_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        if self.head_out_owner is self.model:  # BERT: pooler, dropout, classifier
+            return self.model.classifier(self.model.dropout(self.base.pooler(last_hidden)))
+        return self.model.classifier(last_hidden)
+
     # -- masks ---------------------------------------------------------------------------------------
     def attach_masks(self, values: MaskValues) -> list:
         head_dim = self.dims().head_dim

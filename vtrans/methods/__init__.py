@@ -1,4 +1,4 @@
 """Compression methods by name. Each is `run(job) -> Outcome` (see methods/base.py)."""
-from vtrans.methods import vtrans
+from vtrans.methods import optin, vtrans
 
-METHODS = {"vtrans": vtrans.run}
+METHODS = {"vtrans": vtrans.run, "fast-vtrans": vtrans.run, "faster-vtrans": vtrans.run_faster, "optin": optin.run}

@@ -7,6 +7,7 @@ from torch import nn
 
 from vtrans.arch import Adapter, Kept
 from vtrans.budget import Budget
+from vtrans.data import Encoded, stratified_indices
 
 
 @dataclass
@@ -16,8 +17,18 @@ class Job:
     adapter: Adapter  # the student's adapter
     teacher: nn.Module  # the dense model, frozen, in eval mode
     budget: Budget
-    train_loader: object
+    train: Encoded
+    batch_size: int = 32
     seed: int = 0
+    prune_epochs: float | None = None  # None: the method's default
+    recover_epochs: float | None = None
+    data_fraction: float = 0.03  # for the methods that learn from a sample of the data
+    recover_steps: int = 0  # for faster-vtrans: optional distillation after the cut
+
+    def loader(self, fraction: float = 1.0):
+        """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it."""
+        indices = stratified_indices(self.train.labels, fraction, self.seed) if fraction < 1 else None
+        return self.train.loader(self.batch_size, shuffle=True, seed=self.seed, indices=indices)
 
 
 @dataclass

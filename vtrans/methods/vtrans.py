@@ -2,6 +2,9 @@
 teacher and a Lagrangian that drives the expected cost to the budget; then the kept set is fixed to meet the
 budget exactly, mu is folded into the weights, the model is cut, and a short distillation recovers accuracy.
 
+Fast-VTrans is the same on a label-stratified sample of the data (`data_fraction`, 3% by default).
+Faster-VTrans freezes the weights on that sample: only the masks and lambdas train; no recovery unless asked.
+
 Loss while pruning:
     task + distillation + kl_weight * mean_KL + lambda1 * (s - t) + lambda2 * (s - t)^2
 where s is the expected cost (a fraction of the dense cost, from the masks' keep probabilities) and t the
@@ -22,10 +25,11 @@ from vtrans.surgery import cut_model
 from vtrans.training import DistillWeights, batches, distill, distill_loss, steps_for
 
 
+SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast and faster variants): a sample is small
+
+
 @dataclass
 class VTransSettings:
-    prune_epochs: float = 1.0
-    recover_epochs: float = 1.0
     lr: float = 3e-5  # weights, while pruning and recovering
     mask_lr: float = 0.1
     lagrangian_lr: float = 0.05
@@ -37,7 +41,8 @@ class VTransSettings:
     distill: DistillWeights = field(default_factory=DistillWeights)
 
 
-def prune(job: Job, settings: VTransSettings, train_weights: bool = True) -> tuple[Kept, dict, list]:
+def prune(job: Job, settings: VTransSettings, loader, epochs: float,
+          train_weights: bool = True) -> tuple[Kept, dict, list]:
     """Train VIB masks (and the weights, unless frozen) under the Lagrangian; return the kept set meeting the
     budget, the mu of every unit, and the training log."""
     model, adapter, budget = job.model, job.adapter, job.budget
@@ -54,12 +59,12 @@ def prune(job: Job, settings: VTransSettings, train_weights: bool = True) -> tup
         model.requires_grad_(False)
     values = MaskValues()
     handles = adapter.attach_masks(values)
-    steps = steps_for(settings.prune_epochs, job.train_loader)
+    steps = steps_for(epochs, loader)
     ramp_steps = max(1, int(settings.ramp * steps))
     log = []
     model.train(train_weights)
     try:
-        for step, batch in batches(job.train_loader, steps, f"{job.method}: pruning"):
+        for step, batch in batches(loader, steps, f"{job.method}: pruning"):
             labels = batch.pop("labels")
             with torch.no_grad():
                 teacher_out = job.teacher(**batch, output_hidden_states=True)
@@ -94,12 +99,31 @@ def prune(job: Job, settings: VTransSettings, train_weights: bool = True) -> tup
     return kept, mu, log
 
 
+def _recover(job: Job, kept: Kept, loader, steps: int, settings: VTransSettings, log: list) -> None:
+    distill(job.model, job.teacher, loader, steps, settings.lr, settings.distill,
+            hidden_index=torch.tensor(kept.hidden, dtype=torch.long), desc=f"{job.method}: recovering", log=log)
+
+
 def run(job: Job, settings: VTransSettings | None = None) -> Outcome:
+    """VTrans on all the data (or, as fast-vtrans, on a sample): prune, cut, recover."""
     settings = settings or VTransSettings()
-    kept, mu, log = prune(job, settings)
+    sampled = job.method == "fast-vtrans"
+    loader = job.loader(job.data_fraction if sampled else 1.0)
+    default_epochs = SAMPLE_EPOCHS if sampled else 1.0
+    epochs = default_epochs if job.prune_epochs is None else job.prune_epochs
+    recover_epochs = epochs if job.recover_epochs is None else job.recover_epochs
+    kept, mu, log = prune(job, settings, loader, epochs)
     cut_model(job.adapter, kept, mu)
-    hidden_index = torch.tensor(kept.hidden, dtype=torch.long)
-    distill(job.model, job.teacher, job.train_loader, settings.recover_epochs, settings.lr, settings.distill,
-            hidden_index=hidden_index, desc=f"{job.method}: recovering", log=log)
+    _recover(job, kept, loader, steps_for(recover_epochs, loader), settings, log)
     return Outcome(model=job.model, kept=kept, log=log)
 
+
+def run_faster(job: Job, settings: VTransSettings | None = None) -> Outcome:
+    """Faster-VTrans: weights frozen, masks learned on a sample; optional recovery of `recover_steps`."""
+    settings = settings or VTransSettings()
+    loader = job.loader(job.data_fraction)
+    epochs = SAMPLE_EPOCHS if job.prune_epochs is None else job.prune_epochs
+    kept, mu, log = prune(job, settings, loader, epochs, train_weights=False)
+    cut_model(job.adapter, kept, mu)
+    _recover(job, kept, loader, job.recover_steps, settings, log)
+    return Outcome(model=job.model, kept=kept, log=log)

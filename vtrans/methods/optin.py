@@ -1,0 +1,162 @@
+"""OPTIN (Khaki & Plataniotis, ICLR 2024): one-shot pruning with forward passes only, no weight update.
+
+Each attention head and FFN neuron is scored by how much zeroing it disturbs what comes after it on a
+calibration batch: its trajectory, the distance between the Gram matrices of L2-normalised token features
+of every later layer with and without the unit, plus a temperature-scaled KL on the logits. Ablations are
+batched: `units_per_forward` copies of the calibration batch go through the layers together, each copy with
+one unit zeroed through the mask batch axis, and only the layers from the unit's own onwards are run.
+Then the kept set is searched: for every number of kept heads (most important first), the rest of the
+budget goes to the most important neurons; the split that removes the least total score wins. The hidden
+dimension is not pruned (OPTIN's scores are for heads and neurons).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vtrans.arch import Kept, MaskValues, detach_masks
+from vtrans.budget import exact_cost, select_kept
+from vtrans.data import stratified_indices
+from vtrans.methods.base import Job, Outcome
+from vtrans.surgery import cut_model
+
+
+@dataclass
+class OptinSettings:
+    calibration_samples: int = 16
+    units_per_forward: int = 16
+    logit_weight: float = 1.0
+    temperature: float = 4.0
+
+
+def _token_gram(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-example Gram matrix of L2-normalised token features, padding zeroed: (B, S, S)."""
+    features = F.normalize(hidden, dim=-1) * tokens
+    return features @ features.transpose(1, 2)
+
+
+def _repeat(value, copies: int, batch: int):
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    return value
+
+
+@torch.no_grad()
+def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
+    """Importance of every head and FFN neuron ({'heads': (L, n), 'ffn': (L, F)}); higher = keep."""
+    model, adapter = job.model.eval(), job.adapter
+    dims = adapter.dims()
+    layers = adapter.layer_modules()
+    fraction = min(1.0, settings.calibration_samples / len(job.train))
+    indices = stratified_indices(job.train.labels, fraction, job.seed)[: settings.calibration_samples]
+    batch = job.train.collate([job.train[i] for i in indices])
+    batch.pop("labels")
+    b = batch["input_ids"].shape[0]
+    tokens = batch["attention_mask"].unsqueeze(-1).float()
+
+    captured = {}  # each layer's call: (args, kwargs) of the dense forward
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: captured.__setitem__(i, (args, kwargs)), with_kwargs=True)
+        for i, layer in enumerate(layers)]
+    try:
+        reference = model(**batch, output_hidden_states=True)
+    finally:
+        detach_masks(hooks)
+    reference_grams = [_token_gram(h, tokens) for h in reference.hidden_states[1:]]
+    reference_logp = F.log_softmax(reference.logits / settings.temperature, -1)
+    pairs = tokens.sum((1, 2)) ** 2  # token pairs per example, to make Gram distances comparable
+
+    values = MaskValues()
+    handles = adapter.attach_masks(values)
+    ones = {name: torch.ones(1, *shape) for name, shape in dims.mask_shapes().items()}
+    scores = {"heads": torch.zeros(dims.layers, dims.heads), "ffn": torch.zeros(dims.layers, dims.ffn)}
+    total = dims.layers * sum(-(-n // settings.units_per_forward) for n in (dims.heads, dims.ffn))
+    progress = tqdm(total=total, desc=f"{job.method}: scoring units", dynamic_ncols=True)
+    try:
+        for i in range(dims.layers):
+            args, kwargs = captured[i]
+            for group, count in (("heads", dims.heads), ("ffn", dims.ffn)):
+                for start in range(0, count, settings.units_per_forward):
+                    units = list(range(start, min(start + settings.units_per_forward, count)))
+                    copies = len(units)
+                    z = {name: v.expand(copies * b, *v.shape[1:]).clone() for name, v in ones.items()}
+                    for c, unit in enumerate(units):
+                        z[group][c * b:(c + 1) * b, i, unit] = 0
+                    values.set(z, ones["hidden"][0])
+                    hidden = _repeat(args[0], copies, b)
+                    rest = [_repeat(a, copies, b) for a in args[1:]]
+                    named = {k: _repeat(v, copies, b) for k, v in kwargs.items()}
+                    distance = torch.zeros(copies * b)
+                    for j in range(i, dims.layers):
+                        hidden = layers[j](hidden, *rest, **named)
+                        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                        gram = _token_gram(hidden, tokens.repeat(copies, 1, 1))
+                        diff = (gram - reference_grams[j].repeat(copies, 1, 1)).square().sum((1, 2))
+                        distance += diff / pairs.repeat(copies)
+                    logp = F.log_softmax(adapter.head_logits(hidden) / settings.temperature, -1)
+                    kl = F.kl_div(logp, reference_logp.repeat(copies, 1), reduction="none", log_target=True).sum(-1)
+                    distance += settings.logit_weight * kl.clamp(min=0)  # rounding can dip below 0
+                    scores[group][i, units] = distance.view(copies, b).mean(1)
+                    progress.update()
+    finally:
+        progress.close()
+        detach_masks(handles)
+        values.set(None)
+    return scores
+
+
+def search_kept(job: Job, scores: dict[str, torch.Tensor]) -> Kept:
+    """For each number of kept heads, fill the rest of the budget with the best neurons; keep the split that
+    removes the least total score, then let `select_kept` bring it within the budget's tolerance."""
+    adapter, budget = job.adapter, job.budget
+    dims = adapter.dims()
+    seq = budget.seq_len
+    dense = exact_cost(adapter, Kept.dense(dims), seq)
+    target = budget.fraction(dense) * dense[budget.kind]
+    every = list(range(dims.hidden))
+    head_scores, head_rank = scores["heads"].flatten().sort(descending=True)
+    neuron_scores, neuron_rank = scores["ffn"].flatten().sort(descending=True)
+    head_order = [divmod(int(u), dims.heads) for u in head_rank]
+    neuron_order = [divmod(int(u), dims.ffn) for u in neuron_rank]
+    # kept_score[n] = total score of the n best units
+    kept_heads_score = torch.cat([torch.zeros(1), head_scores.cumsum(0)])
+    kept_neurons_score = torch.cat([torch.zeros(1), neuron_scores.cumsum(0)])
+    no_ffn = [[] for _ in range(dims.layers)]
+    one_neuron = [[0]] + [[] for _ in range(dims.layers - 1)]
+    best = None
+    for n_heads in range(len(head_order) + 1):
+        heads = [[] for _ in range(dims.layers)]
+        for layer, head in head_order[:n_heads]:
+            heads[layer].append(head)
+        base = exact_cost(adapter, Kept(every, heads, no_ffn), seq)[budget.kind]
+        per_neuron = exact_cost(adapter, Kept(every, heads, one_neuron), seq)[budget.kind] - base
+        if base > target:
+            break
+        n_neurons = min(len(neuron_order), int((target - base) // per_neuron))
+        removed = (kept_heads_score[-1] - kept_heads_score[n_heads]
+                   + kept_neurons_score[-1] - kept_neurons_score[n_neurons])
+        if best is None or removed < best[0]:
+            best = (float(removed), n_heads, n_neurons)
+    keep = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in dims.mask_shapes().items()}
+    keep["hidden"][:] = keep["attention"][:] = keep["ffn_block"][:] = True
+    _, n_heads, n_neurons = best
+    for layer, head in head_order[:n_heads]:
+        keep["heads"][layer, head] = True
+    for layer, unit in neuron_order[:n_neurons]:
+        keep["ffn"][layer, unit] = True
+    fixed = float("inf")  # structures OPTIN does not score stay as they are
+    ranking = {"hidden": torch.full((dims.hidden,), fixed), "attention": torch.full((dims.layers,), fixed),
+               "ffn_block": torch.full((dims.layers,), fixed), "heads": scores["heads"], "ffn": scores["ffn"]}
+    return select_kept(adapter, ranking, budget, keep)
+
+
+def run(job: Job, settings: OptinSettings | None = None) -> Outcome:
+    scores = trajectory_scores(job, settings or OptinSettings())
+    kept = search_kept(job, scores)
+    cut_model(job.adapter, kept)
+    log = [{"phase": "score", "group": g, "layer": i, "scores": row.tolist()}
+           for g, s in scores.items() for i, row in enumerate(s)]
+    return Outcome(model=job.model, kept=kept, log=log)
