@@ -26,8 +26,8 @@ from vtrans.surgery import cut_model
 
 @dataclass
 class OptinSettings:
-    calibration_samples: int = 16
-    units_per_forward: int = 16
+    calibration_samples: int = 8
+    units_per_forward: int = 32
     logit_weight: float = 1.0
     temperature: float = 4.0
 
@@ -147,10 +147,15 @@ def search_kept(job: Job, scores: dict[str, torch.Tensor]) -> Kept:
         keep["heads"][layer, head] = True
     for layer, unit in neuron_order[:n_neurons]:
         keep["ffn"][layer, unit] = True
-    fixed = float("inf")  # structures OPTIN does not score stay as they are
-    ranking = {"hidden": torch.full((dims.hidden,), fixed), "attention": torch.full((dims.layers,), fixed),
-               "ffn_block": torch.full((dims.layers,), fixed), "heads": scores["heads"], "ffn": scores["ffn"]}
-    return select_kept(adapter, ranking, budget, keep)
+    return select_kept(adapter, keep_structure_of(scores, dims), budget, keep)
+
+
+def keep_structure_of(scores: dict[str, torch.Tensor], dims) -> dict[str, torch.Tensor]:
+    """Rankings for `select_kept` from head and neuron scores alone: the hidden dims and whole blocks, which
+    are not scored, rank above everything and so stay."""
+    fixed = float("inf")
+    return {"hidden": torch.full((dims.hidden,), fixed), "attention": torch.full((dims.layers,), fixed),
+            "ffn_block": torch.full((dims.layers,), fixed), "heads": scores["heads"], "ffn": scores["ffn"]}
 
 
 def run(job: Job, settings: OptinSettings | None = None) -> Outcome:

@@ -30,13 +30,14 @@ SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast and faster varia
 
 @dataclass
 class VTransSettings:
-    lr: float = 3e-5  # weights, while pruning and recovering
+    lr: float = 3e-5  # weights, while pruning
+    recover_lr: float = 5e-5  # weights of the cut model, while recovering
     mask_lr: float = 0.1
     lagrangian_lr: float = 0.05
     kl_weight: float = 0.01  # on the KL averaged over units
     ramp: float = 0.6  # share of pruning steps over which the target goes from 1 to the budget
     keep_temperature: float = 1.0  # of the sigmoid(log_alpha / T) keep probability in the expected cost
-    log_sigma2_init: float = -6.0
+    log_sigma2_init: float = -6.0  # log_alpha starts at 6: every unit kept, little noise
     log_every: int = 10
     distill: DistillWeights = field(default_factory=DistillWeights)
 
@@ -100,7 +101,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float,
 
 
 def _recover(job: Job, kept: Kept, loader, steps: int, settings: VTransSettings, log: list) -> None:
-    distill(job.model, job.teacher, loader, steps, settings.lr, settings.distill,
+    distill(job.model, job.teacher, loader, steps, settings.recover_lr, settings.distill,
             hidden_index=torch.tensor(kept.hidden, dtype=torch.long), desc=f"{job.method}: recovering", log=log)
 
 
