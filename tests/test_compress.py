@@ -80,6 +80,8 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
         ([ckpt, "--data", data, "--out", busy], "--overwrite"),
         ([ckpt, "--data", tmp_path / "missing.csv", "--out", out], "--data"),
         ([ckpt, "--data", data, "--max-length", 1000, "--out", out], "positions"),
+        ([ckpt, "--data", data, "--method", "optin", "--target", "params=0.2", "--out", out], "and method allow"),
+        ([ckpt, "--data", data, "--batch-size", 0, "--out", out], "--batch-size"),
     ]
     for args, message in cases:
         code, err = run_cli(args, capsys)
@@ -88,6 +90,23 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
         assert err.count("\n") == 1, err
         assert not out.exists()
     assert (busy / "keep.txt").read_text() == "user's file"
+
+
+def test_string_labels_unknown_to_the_head_get_a_new_teacher(tmp_path):
+    import csv
+
+    ckpt = write_tiny_checkpoint(tmp_path / "model")  # its head knows LABEL_0..LABEL_2
+    data = tmp_path / "named.csv"
+    with open(write_sentiment_csv(tmp_path / "ids.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(data, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "label": ["neg", "pos"][int(r["label"])]} for r in rows)
+    said = []
+    result = vtrans.compress(str(ckpt), str(data), target="flops=0.6", out=tmp_path / "out", say=said.append, **FAST)
+    assert any("fine-tuning a teacher" in m for m in said)
+    assert result.model.config.id2label == {0: "neg", 1: "pos"}
 
 
 def test_failure_while_saving_leaves_no_directory(tmp_path, monkeypatch):

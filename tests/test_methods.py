@@ -95,6 +95,14 @@ def test_fast_vtrans_learns_from_the_requested_fraction(job, monkeypatch):
     assert sizes == [(0.1, expected)] and expected == 20  # 10% of 200 rows, 10 per label
 
 
+def test_vtrans_trains_the_weights_with_the_masks(job):
+    j = job("vtrans")
+    before = {k: v.clone() for k, v in j.model.state_dict().items()}
+    vtrans_method.prune(j, vtrans_method.VTransSettings(), j.loader(), epochs=1.0)
+    changed = [k for k, v in j.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert any("attention.self.query.weight" in k for k in changed) and any("intermediate" in k for k in changed)
+
+
 def test_faster_vtrans_leaves_the_weights_bit_identical_until_the_fold(job):
     j = job("faster-vtrans", data_fraction=0.5)
     before = {k: v.clone() for k, v in j.model.state_dict().items()}

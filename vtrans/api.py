@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForSequenceClassification
 
-from vtrans.arch import Kept, adapter_for
+from vtrans.arch import Kept, adapter_class_for, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, exact_cost, parse_target
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, Encoded, demo_path, holdout_split, load_table
 from vtrans.errors import UsageError
 from vtrans.evaluate import accuracy, latency_ms
-from vtrans.methods import METHODS
+from vtrans.methods import KEEPS_HIDDEN, METHODS
 from vtrans.methods.base import Job
 from vtrans.report import build_report
 from vtrans.surgery import check_output_dir, load, save
@@ -49,6 +51,23 @@ class Result:
     out: Path
 
 
+def validate_options(opts: Options) -> None:
+    checks = [
+        ("--max-length", opts.max_length, opts.max_length >= 2, "at least 2"),
+        ("--batch-size", opts.batch_size, opts.batch_size >= 1, "at least 1"),
+        ("--holdout", opts.holdout, 0 < opts.holdout < 1, "between 0 and 1"),
+        ("--data-fraction", opts.data_fraction, 0 < opts.data_fraction <= 1, "in (0, 1]"),
+        ("--teacher-epochs", opts.teacher_epochs, opts.teacher_epochs > 0, "greater than 0"),
+        ("--prune-epochs", opts.prune_epochs, opts.prune_epochs is None or opts.prune_epochs > 0, "greater than 0"),
+        ("--recover-epochs", opts.recover_epochs, opts.recover_epochs is None or opts.recover_epochs >= 0,
+         "0 or more"),
+        ("--recover-steps", opts.recover_steps, opts.recover_steps >= 0, "0 or more"),
+    ]
+    for flag, value, ok, wanted in checks:
+        if not ok:
+            raise UsageError(f"{flag} {value} must be {wanted}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -70,8 +89,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     # Everything a user can get wrong is checked before any training starts.
     if method not in METHODS:
         raise UsageError(f"--method {method} is unknown; choose one of: {', '.join(METHODS)}")
-    if not 0 < opts.data_fraction <= 1:
-        raise UsageError(f"--data-fraction {opts.data_fraction} must be in (0, 1]")
+    validate_options(opts)
     budget = parse_target(target, opts.max_length)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
@@ -81,9 +99,13 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         data, opts.eval_data = demo_path(DEMO_TRAIN), opts.eval_data or demo_path(DEMO_TEST)
         say(f"vtrans: no data given: using the bundled Rotten Tomatoes demo ({DEMO_TRAIN}, {DEMO_TEST})")
     config = load_config(model_name)
-    if opts.max_length > config.max_position_embeddings:
-        raise UsageError(f"--max-length {opts.max_length} exceeds the model's "
-                         f"{config.max_position_embeddings} positions; use at most that")
+    positions = adapter_class_for(config.model_type).max_tokens(config)
+    if opts.max_length > positions:
+        raise UsageError(f"--max-length {opts.max_length} exceeds the model's {positions} positions; "
+                         "use at most that")
+    with init_empty_weights():  # shapes only: is the budget reachable at all?
+        check_reachable(adapter_for(AutoModelForSequenceClassification.from_config(config)), budget,
+                        keep_hidden=method in KEEPS_HIDDEN)
     train = load_table(data)
     if opts.eval_data:
         evaluation = load_table(opts.eval_data, split="validation")
@@ -96,7 +118,6 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     teacher = load_teacher(model_name, train, evaluation, opts.max_length, opts.batch_size,
                            opts.teacher_epochs, opts.teacher_lr, opts.seed, say=say)
     teacher_adapter = adapter_for(teacher.model)
-    check_reachable(teacher_adapter, budget)
     teacher.model.requires_grad_(False)
     encode = lambda table: Encoded(table, teacher.tokenizer, teacher.label_map, opts.max_length)  # noqa: E731
     eval_loader = encode(evaluation).loader(64)

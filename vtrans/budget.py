@@ -29,12 +29,8 @@ class Budget:
     def fraction(self, dense: dict[str, float]) -> float:
         return self.value / dense[self.kind] if self.absolute else self.value
 
-    def describe(self) -> str:
-        amount = f"{self.value:,.0f}" if self.absolute else f"{self.value:g} of dense"
-        return f"{self.kind} {amount}" + (f" at {self.seq_len} tokens" if self.kind == "flops" else "")
-
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "value": self.value, "seq_len": self.seq_len}
+        return {"kind": self.kind, "value": self.value, "seq_len": self.seq_len, "absolute": self.absolute}
 
 
 def parse_target(text: str, seq_len: int) -> Budget:
@@ -58,10 +54,15 @@ def exact_cost(adapter: Adapter, kept: Kept, seq_len: int) -> dict[str, float]:
     return {k: float(v) for k, v in adapter.cost(kept.size_tensors(), seq_len).items()}
 
 
-def check_reachable(adapter: Adapter, budget: Budget) -> None:
-    """Fail before any work if even the smallest model the structures allow is over budget."""
-    dense = exact_cost(adapter, Kept.dense(adapter.dims()), budget.seq_len)
-    smallest = exact_cost(adapter, adapter.minimal_kept(), budget.seq_len)
+def check_reachable(adapter: Adapter, budget: Budget, keep_hidden: bool = False) -> None:
+    """Fail before any work if even the smallest model the structures allow is over budget (with every
+    hidden dim kept, for methods that do not prune it)."""
+    dims = adapter.dims()
+    dense = exact_cost(adapter, Kept.dense(dims), budget.seq_len)
+    minimal = adapter.minimal_kept()
+    if keep_hidden:
+        minimal.hidden = list(range(dims.hidden))
+    smallest = exact_cost(adapter, minimal, budget.seq_len)
     target = budget.fraction(dense)
     floor = smallest[budget.kind] / dense[budget.kind]
     if target > 1:
@@ -69,7 +70,7 @@ def check_reachable(adapter: Adapter, budget: Budget) -> None:
                          f"({dense[budget.kind]:,.0f} {budget.kind}); ask for less")
     if target < floor:
         raise UsageError(f"--target {budget.kind}={budget.value:g} cannot be met: the smallest model this "
-                         f"architecture allows keeps {floor:.4f} of the dense {budget.kind} "
+                         f"architecture{' and method' if keep_hidden else ''} allow keeps {floor:.4f} of the dense {budget.kind} "
                          f"({smallest[budget.kind]:,.0f}); ask for at least that")
 
 

@@ -13,7 +13,6 @@ DEFAULTS = Options()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtrans", description="Make pre-trained transformers smaller and faster.")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     c = commands.add_parser("compress", help="compress a model to a budget and save the smaller model",
                             description="With no MODEL and no --data: the bundled demo (all-MiniLM-L6-v2 on "
@@ -28,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="vtrans", choices=sorted(METHODS))
     c.add_argument("--out", default="vtrans-out", help="output directory (default: vtrans-out)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    c.add_argument("--debug", action="store_true", help="show Python tracebacks")
     c.add_argument("--seed", type=int, default=DEFAULTS.seed)
     c.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example")
     c.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)

@@ -43,7 +43,7 @@ class Table:
 
 def _open_text(path: Path):
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # -sig: spreadsheets write a BOM
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -99,14 +99,19 @@ def load_table(spec: str, split: str = "train") -> Table:
 def label_ids(tables: list[Table], label2id: dict[str, int] | None, num_labels: int | None) -> dict:
     """Map the labels seen in `tables` to class ids, agreeing with a trained head when there is one.
 
-    Integer labels (or their strings) are class ids; other strings use the head's label2id when it names
-    them all, else their sorted order.
+    Integer labels (or their strings) are class ids. Other strings, for a trained head (label2id given),
+    must match its label names (case aside), or this raises; without a head they take their sorted order.
     """
     values = sorted({str(v) for t in tables for v in t.labels})
     if all(v.lstrip("-").isdigit() for v in values):
         mapping = {v: int(v) for v in values}
-    elif label2id and all(v in label2id for v in values):
-        mapping = {v: int(label2id[v]) for v in values}
+    elif label2id is not None:
+        names = {str(k).lower(): int(i) for k, i in label2id.items()}
+        unknown = [v for v in values if v.lower() not in names]
+        if unknown:
+            raise UsageError(f"--data {tables[0].source}: label {unknown[0]!r} is not one of the head's labels "
+                             f"({', '.join(map(str, label2id))}); use those names or class ids")
+        mapping = {v: names[v.lower()] for v in values}
     else:
         mapping = {v: i for i, v in enumerate(values)}
     bad = [v for v, i in mapping.items() if i < 0 or (num_labels is not None and i >= num_labels)]

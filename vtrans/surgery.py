@@ -67,7 +67,12 @@ def atomic_directory(out_dir: Path, overwrite: bool = False):
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             out_dir.rename(old)
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if old.exists():
+                old.rename(out_dir)  # put the previous output back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -76,7 +76,11 @@ def _fingerprint(*parts) -> str:
 def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, batch_size: int,
                  epochs: float, lr: float, seed: int, say=print) -> Teacher:
     config = load_config(name)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"MODEL '{name}' has no usable tokenizer ({str(e).splitlines()[0]}); "
+                         "save the tokenizer beside the model") from None
     found = _trained_head(name, config, [train, evaluation])
     if found is not None:
         model, label_map = found
@@ -84,7 +88,7 @@ def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, ba
 
     label_map = label_ids([train, evaluation], None, None)
     num_labels = max(label_map.values()) + 1
-    key = _fingerprint(str(Path(name).resolve()) if Path(name).exists() else name, train.text, train.labels,
+    key = _fingerprint(str(Path(name).resolve()) if Path(name).exists() else name, train.text, train.text_pair, train.labels,
                        label_map, max_length, batch_size, epochs, lr, seed, transformers.__version__)
     cached = cache_root() / "teachers" / key
     if (cached / "config.json").exists():

@@ -6,7 +6,7 @@ and the surgery that cuts the model down (`cut`). A new family is one new file b
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -99,9 +99,6 @@ class Kept:
             "ffn_block": as_float([float(b) for b in self.ffn_block]),
         }
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class MaskValues:
     """The mask values the attached hooks read on each forward pass.
@@ -131,6 +128,11 @@ class Adapter:
 
     def dims(self) -> Dims:
         raise NotImplementedError
+
+    @staticmethod
+    def max_tokens(config) -> int:
+        """The longest sequence the model's position embeddings allow."""
+        return config.max_position_embeddings
 
     def attach_masks(self, values: MaskValues) -> list:
         """Register hooks that apply `values` in the forward pass; returns the hook handles."""

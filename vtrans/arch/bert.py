@@ -27,7 +27,7 @@ class NoHeads(nn.Module):
 
 def masked_layer_norm(module: nn.LayerNorm, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the kept dims only (keep is 0/1 over the last axis)."""
-    count = keep.sum()
+    count = keep.sum().clamp(min=1)
     mean = (x * keep).sum(-1, keepdim=True) / count
     var = ((x - mean).square() * keep).sum(-1, keepdim=True) / count
     return (x - mean) * torch.rsqrt(var + module.eps) * module.weight + module.bias
@@ -89,6 +89,12 @@ class BertAdapter(Adapter):
     @property
     def head_out(self) -> nn.Linear:
         return getattr(self.head_out_owner, self.head_out_name)
+
+    @staticmethod
+    def max_tokens(config) -> int:
+        # RoBERTa numbers positions from pad_token_id + 1
+        offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+        return config.max_position_embeddings - offset
 
     def dims(self) -> Dims:
         config = self.model.config

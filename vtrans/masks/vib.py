@@ -31,10 +31,6 @@ class VIBMask(nn.Module):
         eps = torch.randn(batch_size, *self.mu.shape, device=self.mu.device)
         return self.mu + eps * torch.exp(0.5 * self.log_sigma2)
 
-    def deterministic(self) -> torch.Tensor:
-        """The value a kept unit is folded with (mu), zero for pruned units; batch axis of 1."""
-        return (self.mu * self.keep()).unsqueeze(0)
-
     def expected_keep(self, temperature: float = 1.0) -> torch.Tensor:
         """A differentiable stand-in for keep(), for the expected cost."""
         return torch.sigmoid(self.log_alpha() / temperature)
@@ -47,14 +43,8 @@ class VIBMasks(nn.Module):
         super().__init__()
         self.groups = nn.ModuleDict({name: VIBMask(shape, **init) for name, shape in shapes.items()})
 
-    def __getitem__(self, name: str) -> VIBMask:
-        return self.groups[name]
-
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         return {name: m.sample(batch_size) for name, m in self.groups.items()}
-
-    def deterministic(self) -> dict[str, torch.Tensor]:
-        return {name: m.deterministic() for name, m in self.groups.items()}
 
     def hidden_keep(self) -> torch.Tensor:
         return self.groups["hidden"].keep().float()

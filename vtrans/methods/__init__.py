@@ -3,8 +3,9 @@ from vtrans.methods import baselines, optin, vtrans
 
 METHODS = {
     "vtrans": vtrans.run,
-    "fast-vtrans": vtrans.run,
+    "fast-vtrans": vtrans.run_fast,
     "faster-vtrans": vtrans.run_faster,
     "optin": optin.run,
     "random": baselines.run_random,
 }
+KEEPS_HIDDEN = {"optin", "random"}  # methods that prune heads and neurons only

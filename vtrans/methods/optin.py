@@ -51,7 +51,7 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     dims = adapter.dims()
     layers = adapter.layer_modules()
     fraction = min(1.0, settings.calibration_samples / len(job.train))
-    indices = stratified_indices(job.train.labels, fraction, job.seed)[: settings.calibration_samples]
+    indices = stratified_indices(job.train.labels, fraction, job.seed)
     batch = job.train.collate([job.train[i] for i in indices])
     batch.pop("labels")
     b = batch["input_ids"].shape[0]

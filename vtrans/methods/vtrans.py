@@ -54,10 +54,9 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float,
     lambdas = torch.zeros(2, requires_grad=True)
     optimizers = [torch.optim.Adam(masks.parameters(), lr=settings.mask_lr),
                   torch.optim.Adam([lambdas], lr=settings.lagrangian_lr, maximize=True)]
+    model.requires_grad_(train_weights)  # the student is a copy of the frozen teacher: unfreeze to train it
     if train_weights:
         optimizers.append(torch.optim.AdamW(model.parameters(), lr=settings.lr))
-    else:
-        model.requires_grad_(False)
     values = MaskValues()
     handles = adapter.attach_masks(values)
     steps = steps_for(epochs, loader)
@@ -105,10 +104,18 @@ def _recover(job: Job, kept: Kept, loader, steps: int, settings: VTransSettings,
             hidden_index=torch.tensor(kept.hidden, dtype=torch.long), desc=f"{job.method}: recovering", log=log)
 
 
-def run(job: Job, settings: VTransSettings | None = None) -> Outcome:
-    """VTrans on all the data (or, as fast-vtrans, on a sample): prune, cut, recover."""
+def run(job: Job) -> Outcome:
+    """VTrans on all the data: prune, cut, recover."""
+    return _prune_cut_recover(job, sampled=False)
+
+
+def run_fast(job: Job) -> Outcome:
+    """Fast-VTrans: the same on a label-stratified sample of `data_fraction` of the data."""
+    return _prune_cut_recover(job, sampled=True)
+
+
+def _prune_cut_recover(job: Job, sampled: bool, settings: VTransSettings | None = None) -> Outcome:
     settings = settings or VTransSettings()
-    sampled = job.method == "fast-vtrans"
     loader = job.loader(job.data_fraction if sampled else 1.0)
     default_epochs = SAMPLE_EPOCHS if sampled else 1.0
     epochs = default_epochs if job.prune_epochs is None else job.prune_epochs
