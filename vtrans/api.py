@@ -12,8 +12,8 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForSequenceClassification
 
-from vtrans.arch import Kept, adapter_class_for, adapter_for
-from vtrans.budget import TOLERANCE, check_reachable, exact_cost, parse_target
+from vtrans.arch import adapter_class_for, adapter_for
+from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, parse_target
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, Encoded, demo_path, holdout_split, load_table
 from vtrans.errors import UsageError
 from vtrans.evaluate import accuracy, latency_ms
@@ -123,8 +123,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     eval_loader = encode(evaluation).loader(64)
 
     dense_metric = accuracy(teacher.model, eval_loader, "evaluating dense")
-    dense_kept = Kept.dense(teacher_adapter.dims())
-    dense_cost = exact_cost(teacher_adapter, dense_kept, budget.seq_len)
+    dense = dense_cost(teacher_adapter, budget.seq_len)
 
     seed_everything(opts.seed)
     student = copy.deepcopy(teacher.model)
@@ -143,7 +142,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
                          opts.latency_seq_len, vocab_size=teacher.tokenizer.vocab_size)
     report = build_report(
         method=method, model=model_label, data=data, eval_data=opts.eval_data or f"{opts.holdout:.0%} of data",
-        budget=budget, dense_cost=dense_cost, compressed_cost=compressed_cost, dense_metric=dense_metric,
+        budget=budget, dense_cost=dense, compressed_cost=compressed_cost, dense_metric=dense_metric,
         compressed_metric=compressed_metric, latency=latency, latency_shape=(opts.latency_batch,
                                                                             opts.latency_seq_len),
         kept=outcome.kept, compression_seconds=compression_seconds, teacher_cache=teacher.fine_tuned_at,

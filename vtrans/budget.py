@@ -54,11 +54,15 @@ def exact_cost(adapter: Adapter, kept: Kept, seq_len: int) -> dict[str, float]:
     return {k: float(v) for k, v in adapter.cost(kept.size_tensors(), seq_len).items()}
 
 
+def dense_cost(adapter: Adapter, seq_len: int) -> dict[str, float]:
+    return exact_cost(adapter, Kept.dense(adapter.dims()), seq_len)
+
+
 def check_reachable(adapter: Adapter, budget: Budget, keep_hidden: bool = False) -> None:
     """Fail before any work if even the smallest model the structures allow is over budget (with every
     hidden dim kept, for methods that do not prune it)."""
     dims = adapter.dims()
-    dense = exact_cost(adapter, Kept.dense(dims), budget.seq_len)
+    dense = dense_cost(adapter, budget.seq_len)
     minimal = adapter.minimal_kept()
     if keep_hidden:
         minimal.hidden = list(range(dims.hidden))
@@ -107,7 +111,7 @@ def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budge
     the finest units, make room for it.
     """
     seq_len = budget.seq_len
-    dense = exact_cost(adapter, Kept.dense(adapter.dims()), seq_len)
+    dense = dense_cost(adapter, seq_len)
     target = budget.fraction(dense) * dense[budget.kind]
     floor = target * (1 - TOLERANCE)
     state = _KeptState(keep if keep is not None else {n: s > 0 for n, s in scores.items()})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from safetensors.torch import load_file
 
 from vtrans.arch import Adapter, Dims, Kept, adapter_class_for
@@ -120,9 +121,9 @@ def load(path: str | os.PathLike):
     config = transformers.AutoConfig.from_pretrained(path)
     record = getattr(config, "vtrans", None)
     model_class = getattr(transformers, config.architectures[0])
-    model = model_class(config)
-    if record is not None:
-        adapter = adapter_class_for(config.model_type)(model)
-        adapter.cut(Kept.from_sizes(record["kept"]))
-    model.load_state_dict(read_state_dict(path), strict=True)
+    with init_empty_weights():  # no time spent initialising weights that the checkpoint replaces
+        model = model_class(config)
+        if record is not None:
+            adapter_class_for(config.model_type)(model).cut(Kept.from_sizes(record["kept"]))
+    model.load_state_dict(read_state_dict(path), strict=True, assign=True)
     return model.eval()

@@ -60,39 +60,37 @@ def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeigh
     return {"loss": total, "task": task.detach(), "distill": (logits + hidden).detach()}
 
 
-def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning teacher") -> None:
-    """Plain supervised fine-tuning (used to make a teacher when the checkpoint has no trained head)."""
-    steps = steps_for(epochs, loader)
+def train_steps(model, loader, steps: int, lr: float, loss_of, desc: str, log: list | None = None,
+                phase: str = "") -> None:
+    """AdamW with linear decay for `steps` batches; `loss_of(batch)` returns {'loss', other logged values}."""
+    if not steps:
+        return
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
     model.train()
-    for _, batch in batches(loader, steps, desc):
-        model(**batch).loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-
-
-def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights,
-            hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None) -> None:
-    """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed."""
-    if not steps:
-        return
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    student.train()
     for step, batch in batches(loader, steps, desc):
-        labels = batch.pop("labels")
-        with torch.no_grad():
-            target = teacher(**batch, output_hidden_states=True)
-        losses = distill_loss(student(**batch, output_hidden_states=True), target, labels,
-                              batch["attention_mask"], weights, hidden_index=hidden_index)
+        losses = loss_of(batch)
         losses["loss"].backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if log is not None:
-            log.append({"phase": "recover", "step": step, "task": float(losses["task"]),
-                        "distill": float(losses["distill"])})
-    student.eval()
+            log.append({"phase": phase, "step": step} | {k: float(v) for k, v in losses.items() if k != "loss"})
+    model.eval()
+
+
+def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning teacher") -> None:
+    """Plain supervised fine-tuning (used to make a teacher when the checkpoint has no trained head)."""
+    train_steps(model, loader, steps_for(epochs, loader), lr, lambda batch: {"loss": model(**batch).loss}, desc)
+
+
+def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights,
+            hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None) -> None:
+    """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed."""
+    def loss_of(batch):
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            target = teacher(**batch, output_hidden_states=True)
+        return distill_loss(student(**batch, output_hidden_states=True), target, labels,
+                            batch["attention_mask"], weights, hidden_index=hidden_index)
+    train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vtrans.arch import Kept, MaskValues, detach_masks
-from vtrans.budget import exact_cost, select_kept
+from vtrans.budget import dense_cost, exact_cost, select_kept
 from vtrans.data import stratified_indices
 from vtrans.methods.base import Job, Outcome
 from vtrans.surgery import cut_model
@@ -114,7 +114,7 @@ def search_kept(job: Job, scores: dict[str, torch.Tensor]) -> Kept:
     adapter, budget = job.adapter, job.budget
     dims = adapter.dims()
     seq = budget.seq_len
-    dense = exact_cost(adapter, Kept.dense(dims), seq)
+    dense = dense_cost(adapter, seq)
     target = budget.fraction(dense) * dense[budget.kind]
     every = list(range(dims.hidden))
     head_scores, head_rank = scores["heads"].flatten().sort(descending=True)
@@ -126,13 +126,14 @@ def search_kept(job: Job, scores: dict[str, torch.Tensor]) -> Kept:
     kept_neurons_score = torch.cat([torch.zeros(1), neuron_scores.cumsum(0)])
     no_ffn = [[] for _ in range(dims.layers)]
     one_neuron = [[0]] + [[] for _ in range(dims.layers - 1)]
+    per_neuron = (exact_cost(adapter, Kept(every, no_ffn, one_neuron), seq)[budget.kind]
+                  - exact_cost(adapter, Kept(every, no_ffn, no_ffn), seq)[budget.kind])  # hidden is fixed
     best = None
     for n_heads in range(len(head_order) + 1):
         heads = [[] for _ in range(dims.layers)]
         for layer, head in head_order[:n_heads]:
             heads[layer].append(head)
         base = exact_cost(adapter, Kept(every, heads, no_ffn), seq)[budget.kind]
-        per_neuron = exact_cost(adapter, Kept(every, heads, one_neuron), seq)[budget.kind] - base
         if base > target:
             break
         n_neurons = min(len(neuron_order), int((target - base) // per_neuron))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtrans.arch import Kept, MaskValues, detach_masks
-from vtrans.budget import exact_cost, kept_from_keep, select_kept
+from vtrans.budget import dense_cost, exact_cost, kept_from_keep, select_kept
 from vtrans.masks import VIBMasks
 from vtrans.methods.base import Job, Outcome
 from vtrans.surgery import cut_model
@@ -48,7 +48,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float,
     budget, the mu of every unit, and the training log."""
     model, adapter, budget = job.model, job.adapter, job.budget
     dims = adapter.dims()
-    dense = exact_cost(adapter, Kept.dense(dims), budget.seq_len)
+    dense = dense_cost(adapter, budget.seq_len)
     target = budget.fraction(dense)
     masks = VIBMasks(dims.mask_shapes(), log_sigma2_init=settings.log_sigma2_init)
     lambdas = torch.zeros(2, requires_grad=True)
