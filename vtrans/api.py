@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification
 
 from vtrans.arch import adapter_class_for, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, parse_target
+from vtrans.checkpoint import Checkpoint
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, Encoded, demo_path, holdout_split, load_table
 from vtrans.errors import UsageError
 from vtrans.evaluate import accuracy, latency_ms
@@ -42,6 +43,8 @@ class Options:
     recover_steps: int = 0  # faster-vtrans: distillation steps after the cut
     latency_batch: int = 32
     latency_seq_len: int = 64
+    resume: bool = False  # continue an interrupted run from its checkpoint
+    checkpoint_every: int = 50  # steps between checkpoints (0: none)
 
 
 @dataclass
@@ -62,6 +65,7 @@ def validate_options(opts: Options) -> None:
         ("--recover-epochs", opts.recover_epochs, opts.recover_epochs is None or opts.recover_epochs >= 0,
          "0 or more"),
         ("--recover-steps", opts.recover_steps, opts.recover_steps >= 0, "0 or more"),
+        ("--checkpoint-every", opts.checkpoint_every, opts.checkpoint_every >= 0, "0 or more"),
     ]
     for flag, value, ok, wanted in checks:
         if not ok:
@@ -93,6 +97,18 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     budget = parse_target(target, opts.max_length)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
+    run = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
+        name: getattr(opts, name) for name in ("eval_data", "max_length", "batch_size", "seed", "holdout",
+                                               "prune_epochs", "recover_epochs", "data_fraction", "recover_steps")}
+    checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", opts.checkpoint_every, run)
+    if checkpoint.exists() and not (opts.resume or opts.overwrite):
+        raise UsageError(f"an interrupted run left a checkpoint in {checkpoint.directory}: pass --resume to "
+                         "continue it, or --overwrite to start again")
+    if opts.resume:
+        if checkpoint.load() is None:  # also refuses another run's (or an unsafe) checkpoint, now
+            say(f"vtrans: --resume: no checkpoint in {checkpoint.directory}; starting from the beginning")
+    else:
+        checkpoint.clear()
     model_label = model or DEFAULT_MODEL_NAME
     model_name = model or default_model_path()
     if data is None:
@@ -130,7 +146,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     job = Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher.model,
               budget=budget, train=encode(train), batch_size=opts.batch_size, seed=opts.seed,
               prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs,
-              data_fraction=opts.data_fraction, recover_steps=opts.recover_steps)
+              data_fraction=opts.data_fraction, recover_steps=opts.recover_steps, checkpoint=checkpoint,
+              resume=opts.resume)
     started = time.perf_counter()
     outcome = METHODS[method](job)
     compression_seconds = time.perf_counter() - started  # the method's wall time, teacher excluded
@@ -149,6 +166,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         seed=opts.seed, tolerance=TOLERANCE)
     save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
          overwrite=opts.overwrite)
+    checkpoint.clear()
     return Result(model=compressed, report=report, out=out)
 
 

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="vtrans-out", help="output directory (default: vtrans-out)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     c.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    c.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every,
+                   help="steps between checkpoints (default: 50; 0: none)")
     c.add_argument("--seed", type=int, default=DEFAULTS.seed)
     c.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example")
     c.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, overwrite=args.overwrite, holdout=args.holdout,
                               teacher_epochs=args.teacher_epochs, prune_epochs=args.prune_epochs,
                               recover_epochs=args.recover_epochs, data_fraction=args.data_fraction,
-                              recover_steps=args.recover_steps)
+                              recover_steps=args.recover_steps, resume=args.resume,
+                              checkpoint_every=args.checkpoint_every)
             print(summary(result.report, result.out))
     except UsageError as e:
         if args.debug:

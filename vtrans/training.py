@@ -12,21 +12,28 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vtrans.checkpoint import Checkpoint, capture, restore
+
 
 def steps_for(epochs: float, loader) -> int:
     return max(1, math.ceil(epochs * len(loader))) if epochs > 0 else 0
 
 
-def batches(loader, steps: int, desc: str) -> Iterator[tuple[int, dict]]:
-    """`steps` batches from `loader`, cycling through epochs, with a progress bar."""
+def batches(loader, steps: int, desc: str, start: int = 0) -> Iterator[tuple[int, dict]]:
+    """`steps` batches from `loader`, cycling through epochs, with a progress bar; a resumed run (`start`)
+    draws and drops the batches it already saw, so the data order is that of an uninterrupted run."""
     iterator = iter(loader)
-    for step in tqdm(range(steps), desc=desc, dynamic_ncols=True):
+    progress = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True)
+    for step in range(steps):
         try:
             batch = next(iterator)
         except StopIteration:
             iterator = iter(loader)
             batch = next(iterator)
-        yield step, batch
+        if step >= start:
+            yield step, batch
+            progress.update()
+    progress.close()
 
 
 @dataclass
@@ -61,14 +68,20 @@ def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeigh
 
 
 def train_steps(model, loader, steps: int, lr: float, loss_of, desc: str, log: list | None = None,
-                phase: str = "") -> None:
-    """AdamW with linear decay for `steps` batches; `loss_of(batch)` returns {'loss', other logged values}."""
+                phase: str = "", checkpoint: Checkpoint | None = None, state: dict | None = None,
+                extra: dict | None = None) -> None:
+    """AdamW with linear decay for `steps` batches; `loss_of(batch)` returns {'loss', other logged values}.
+
+    With a checkpoint, the state (with `extra`) is saved every `checkpoint.every` steps; `state`, from such a
+    checkpoint, continues where it stopped."""
     if not steps:
         return
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    objects = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    start = restore(state, objects) if state is not None else 0
     model.train()
-    for step, batch in batches(loader, steps, desc):
+    for step, batch in batches(loader, steps, desc, start):
         losses = loss_of(batch)
         losses["loss"].backward()
         optimizer.step()
@@ -76,6 +89,8 @@ def train_steps(model, loader, steps: int, lr: float, loss_of, desc: str, log: l
         optimizer.zero_grad(set_to_none=True)
         if log is not None:
             log.append({"phase": phase, "step": step} | {k: float(v) for k, v in losses.items() if k != "loss"})
+        if checkpoint is not None and checkpoint.due(step):
+            checkpoint.save(capture(phase, step, objects, log=log, **(extra or {})))
     model.eval()
 
 
@@ -85,7 +100,8 @@ def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning t
 
 
 def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights,
-            hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None) -> None:
+            hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None,
+            **checkpointing) -> None:
     """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed."""
     def loss_of(batch):
         labels = batch.pop("labels")
@@ -93,4 +109,4 @@ def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWei
             target = teacher(**batch, output_hidden_states=True)
         return distill_loss(student(**batch, output_hidden_states=True), target, labels,
                             batch["attention_mask"], weights, hidden_index=hidden_index)
-    train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover")
+    train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover", **checkpointing)

@@ -7,6 +7,7 @@ from torch import nn
 
 from vtrans.arch import Adapter, Kept
 from vtrans.budget import Budget
+from vtrans.checkpoint import Checkpoint
 from vtrans.data import Encoded, stratified_indices
 
 
@@ -24,6 +25,8 @@ class Job:
     recover_epochs: float | None = None
     data_fraction: float = 0.03  # for the methods that learn from a sample of the data
     recover_steps: int = 0  # for faster-vtrans: optional distillation after the cut
+    checkpoint: Checkpoint | None = None  # where training state is saved every N steps
+    resume: bool = False  # continue from the checkpoint
 
     def loader(self, fraction: float = 1.0):
         """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it."""

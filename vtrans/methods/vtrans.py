@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from vtrans.arch import Kept, MaskValues, detach_masks
 from vtrans.budget import dense_cost, exact_cost, kept_from_keep, select_kept
+from vtrans.checkpoint import capture, restore
 from vtrans.masks import VIBMasks
 from vtrans.methods.base import Job, Outcome
 from vtrans.surgery import cut_model
@@ -42,29 +44,43 @@ class VTransSettings:
     distill: DistillWeights = field(default_factory=DistillWeights)
 
 
-def prune(job: Job, settings: VTransSettings, loader, epochs: float,
-          train_weights: bool = True) -> tuple[Kept, dict, list]:
+class Lagrangian(nn.Module):
+    """lambda1 * (s - t) + lambda2 * (s - t)^2; the lambdas follow gradient ascent."""
+
+    def __init__(self):
+        super().__init__()
+        self.lambdas = nn.Parameter(torch.zeros(2))
+
+    def forward(self, gap: torch.Tensor) -> torch.Tensor:
+        return self.lambdas[0] * gap + self.lambdas[1] * gap * gap
+
+
+def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weights: bool = True,
+          state: dict | None = None) -> tuple[Kept, dict, list]:
     """Train VIB masks (and the weights, unless frozen) under the Lagrangian; return the kept set meeting the
-    budget, the mu of every unit, and the training log."""
+    budget, the mu of every unit, and the training log. `state`, from a checkpoint, resumes."""
     model, adapter, budget = job.model, job.adapter, job.budget
     dims = adapter.dims()
     dense = dense_cost(adapter, budget.seq_len)
     target = budget.fraction(dense)
     masks = VIBMasks(dims.mask_shapes(), log_sigma2_init=settings.log_sigma2_init)
-    lambdas = torch.zeros(2, requires_grad=True)
-    optimizers = [torch.optim.Adam(masks.parameters(), lr=settings.mask_lr),
-                  torch.optim.Adam([lambdas], lr=settings.lagrangian_lr, maximize=True)]
+    lagrangian = Lagrangian()
+    optimizers = {"mask_optimizer": torch.optim.Adam(masks.parameters(), lr=settings.mask_lr),
+                  "lagrangian_optimizer": torch.optim.Adam(lagrangian.parameters(), lr=settings.lagrangian_lr,
+                                                           maximize=True)}
     model.requires_grad_(train_weights)  # the student is a copy of the frozen teacher: unfreeze to train it
     if train_weights:
-        optimizers.append(torch.optim.AdamW(model.parameters(), lr=settings.lr))
+        optimizers["optimizer"] = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    objects = {"masks": masks, "lagrangian": lagrangian, **optimizers} | ({"model": model} if train_weights else {})
+    start = restore(state, objects) if state is not None else 0
+    log = state["log"] if state is not None else []
     values = MaskValues()
     handles = adapter.attach_masks(values)
     steps = steps_for(epochs, loader)
     ramp_steps = max(1, int(settings.ramp * steps))
-    log = []
     model.train(train_weights)
     try:
-        for step, batch in batches(loader, steps, f"{job.method}: pruning"):
+        for step, batch in batches(loader, steps, f"{job.method}: pruning", start):
             labels = batch.pop("labels")
             with torch.no_grad():
                 teacher_out = job.teacher(**batch, output_hidden_states=True)
@@ -75,11 +91,9 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float,
             expected = adapter.cost(masks.expected_sizes(settings.keep_temperature), budget.seq_len)
             s = expected[budget.kind] / dense[budget.kind]
             t = 1 - (1 - target) * min(1.0, (step + 1) / ramp_steps)
-            gap = s - t
-            lagrangian = lambdas[0] * gap + lambdas[1] * gap * gap
             kl = masks.kl() / masks.num_units()
-            (losses["loss"] + settings.kl_weight * kl + lagrangian).backward()
-            for optimizer in optimizers:
+            (losses["loss"] + settings.kl_weight * kl + lagrangian(s - t)).backward()
+            for optimizer in optimizers.values():
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if step % settings.log_every == 0 or step == steps - 1:
@@ -88,7 +102,9 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float,
                             "distill": float(losses["distill"]), "kl": kl.item(),
                             "expected_cost": s.item(), "target": t,
                             "kept_cost": exact_cost(adapter, now, budget.seq_len)[budget.kind] / dense[budget.kind],
-                            "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()})
+                            "lambda1": lagrangian.lambdas[0].item(), "lambda2": lagrangian.lambdas[1].item()})
+            if job.checkpoint is not None and job.checkpoint.due(step):
+                job.checkpoint.save(capture("prune", step, objects, log=log))
     finally:
         detach_masks(handles)
         values.set(None)
@@ -99,9 +115,25 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float,
     return kept, mu, log
 
 
-def _recover(job: Job, kept: Kept, loader, steps: int, settings: VTransSettings, log: list) -> None:
+def _prune_and_cut(job: Job, settings: VTransSettings, loader, epochs: float,
+                   train_weights: bool = True) -> tuple[Kept, list, dict | None]:
+    """Prune and cut, or, resuming a run killed while recovering, rebuild its cut model. Returns the kept set,
+    the log, and the recovery state to resume (None to start recovery afresh)."""
+    state = job.checkpoint.load() if job.checkpoint is not None and job.resume else None
+    if state is not None and state["phase"] == "recover":
+        kept = Kept(**state["kept"])
+        job.adapter.cut(kept)  # the weights, already folded, come from the checkpoint
+        return kept, state["log"], state
+    kept, mu, log = prune(job, settings, loader, epochs, train_weights, state)
+    cut_model(job.adapter, kept, mu)
+    return kept, log, None
+
+
+def _recover(job: Job, kept: Kept, loader, steps: int, settings: VTransSettings, log: list,
+             state: dict | None) -> None:
     distill(job.model, job.teacher, loader, steps, settings.recover_lr, settings.distill,
-            hidden_index=torch.tensor(kept.hidden, dtype=torch.long), desc=f"{job.method}: recovering", log=log)
+            hidden_index=torch.tensor(kept.hidden, dtype=torch.long), desc=f"{job.method}: recovering", log=log,
+            checkpoint=job.checkpoint, state=state, extra={"kept": vars(kept)})
 
 
 def run(job: Job) -> Outcome:
@@ -120,9 +152,8 @@ def _prune_cut_recover(job: Job, sampled: bool, settings: VTransSettings | None 
     default_epochs = SAMPLE_EPOCHS if sampled else 1.0
     epochs = default_epochs if job.prune_epochs is None else job.prune_epochs
     recover_epochs = epochs if job.recover_epochs is None else job.recover_epochs
-    kept, mu, log = prune(job, settings, loader, epochs)
-    cut_model(job.adapter, kept, mu)
-    _recover(job, kept, loader, steps_for(recover_epochs, loader), settings, log)
+    kept, log, state = _prune_and_cut(job, settings, loader, epochs)
+    _recover(job, kept, loader, steps_for(recover_epochs, loader), settings, log, state)
     return Outcome(model=job.model, kept=kept, log=log)
 
 
@@ -131,7 +162,6 @@ def run_faster(job: Job, settings: VTransSettings | None = None) -> Outcome:
     settings = settings or VTransSettings()
     loader = job.loader(job.data_fraction)
     epochs = SAMPLE_EPOCHS if job.prune_epochs is None else job.prune_epochs
-    kept, mu, log = prune(job, settings, loader, epochs, train_weights=False)
-    cut_model(job.adapter, kept, mu)
-    _recover(job, kept, loader, job.recover_steps, settings, log)
+    kept, log, state = _prune_and_cut(job, settings, loader, epochs, train_weights=False)
+    _recover(job, kept, loader, job.recover_steps, settings, log, state)
     return Outcome(model=job.model, kept=kept, log=log)

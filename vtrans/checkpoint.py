@@ -1,0 +1,68 @@
+"""Training state saved every N steps, so that a killed run resumes where it stopped (`--resume`).
+
+The state lives in one file beside the output directory (`.DIR.checkpoint/state.pt`), written atomically;
+it is read with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers,
+so a planted pickle is never executed. A successful run deletes it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from vtrans.errors import UsageError
+
+
+class Checkpoint:
+    def __init__(self, directory: Path, every: int, run: dict):
+        self.directory = Path(directory)
+        self.every = every
+        self.run = run  # what identifies the run: a checkpoint of another run is refused
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "state.pt"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and (step + 1) % self.every == 0
+
+    def load(self) -> dict | None:
+        if not self.exists():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+            raise UsageError(f"checkpoint {self.path} cannot be read safely ({type(e).__name__}); "
+                             "delete it, or pass --overwrite to start again") from None
+        if state.get("run") != self.run:
+            raise UsageError(f"checkpoint {self.path} belongs to another run (different model, data, method, "
+                             "target or seed); pass --overwrite to start again")
+        return state
+
+    def save(self, state: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state | {"run": self.run}, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def capture(phase: str, step: int, objects: dict, **extra) -> dict:
+    """The state of `objects` (anything with state_dict) and of the global RNG after `step`."""
+    return {"phase": phase, "step": step, "rng": torch.get_rng_state(),
+            "objects": {name: obj.state_dict() for name, obj in objects.items()}, **extra}
+
+
+def restore(state: dict, objects: dict) -> int:
+    """Load `objects` and the RNG from `state`; return the step to continue from."""
+    for name, obj in objects.items():
+        obj.load_state_dict(state["objects"][name])
+    torch.set_rng_state(state["rng"])
+    return state["step"] + 1
