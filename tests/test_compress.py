@@ -120,3 +120,13 @@ def test_failure_while_saving_leaves_no_directory(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         vtrans.compress(str(ckpt), str(data), target="flops=0.5", out=tmp_path / "out", say=lambda m: None, **FAST)
     assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]  # neither out/ nor a partial sibling
+
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "report.json").write_text("an earlier result")
+    with pytest.raises(RuntimeError, match="disk full"):
+        vtrans.compress(str(ckpt), str(data), target="flops=0.5", out=previous, say=lambda m: None,
+                        overwrite=True, **FAST)
+    assert [p.name for p in previous.iterdir()] == ["report.json"]
+    assert (previous / "report.json").read_text() == "an earlier result"
+    assert not [p.name for p in tmp_path.iterdir() if "previous" in p.name and p != previous]
