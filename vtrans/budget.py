@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtrans.arch import Adapter, Kept
+from vtrans.arch import Adapter, Kept, unit_counts
 from vtrans.errors import UsageError
 
 TOLERANCE = 0.01  # achieved cost must lie in [target * (1 - TOLERANCE), target]
@@ -73,8 +73,9 @@ def check_reachable(adapter: Adapter, budget: Budget, keep_hidden: bool = False)
         raise UsageError(f"--target {budget.kind}={budget.value:g} is larger than the dense model "
                          f"({dense[budget.kind]:,.0f} {budget.kind}); ask for less")
     if target < floor:
+        allows = "architecture and method allow" if keep_hidden else "architecture allows"
         raise UsageError(f"--target {budget.kind}={budget.value:g} cannot be met: the smallest model this "
-                         f"architecture{' and method' if keep_hidden else ''} allow keeps {floor:.4f} of the dense {budget.kind} "
+                         f"{allows} keeps {floor:.4f} of the dense {budget.kind} "
                          f"({smallest[budget.kind]:,.0f}); ask for at least that")
 
 
@@ -84,21 +85,6 @@ def kept_from_keep(keep: dict[str, torch.Tensor]) -> Kept:
                 heads=[row.nonzero().flatten().tolist() for row in keep["heads"]],
                 ffn=[row.nonzero().flatten().tolist() for row in keep["ffn"]],
                 attention=keep["attention"].tolist(), ffn_block=keep["ffn_block"].tolist())
-
-
-class _KeptState:
-    """The kept set being edited unit by unit, with counts kept up to date for cheap cost queries."""
-
-    def __init__(self, keep: dict[str, torch.Tensor]):
-        self.keep = {name: k.clone().bool() for name, k in keep.items()}
-
-    def kept(self) -> Kept:
-        return kept_from_keep(self.keep)
-
-    def sizes(self) -> dict[str, torch.Tensor]:
-        k = {name: v.double() for name, v in self.keep.items()}
-        return {"hidden": k["hidden"].sum(), "heads": k["heads"].sum(-1), "ffn": k["ffn"].sum(-1),
-                "attention": k["attention"], "ffn_block": k["ffn_block"]}
 
 
 def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budget,
@@ -114,18 +100,19 @@ def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budge
     dense = dense_cost(adapter, seq_len)
     target = budget.fraction(dense) * dense[budget.kind]
     floor = target * (1 - TOLERANCE)
-    state = _KeptState(keep if keep is not None else {n: s > 0 for n, s in scores.items()})
+    kept = {name: k.clone().bool() for name, k in (keep if keep is not None else {n: s > 0 for n, s in scores.items()}).items()}
 
     def cost() -> float:
-        return float(adapter.cost(state.sizes(), seq_len)[budget.kind])
+        counts = unit_counts({name: k.double() for name, k in kept.items()})
+        return float(adapter.cost(counts, seq_len)[budget.kind])
 
     def drop(units, until: float) -> float:
         current = cost()
         for _, name, idx in units:
             if current <= until:
                 break
-            if state.keep[name][idx] and not (name == "hidden" and int(state.keep["hidden"].sum()) == 1):
-                state.keep[name][idx] = False
+            if kept[name][idx] and not (name == "hidden" and int(kept["hidden"].sum()) == 1):
+                kept[name][idx] = False
                 current = cost()
         return current
 
@@ -134,13 +121,13 @@ def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budge
         for _, name, idx in units:
             if current >= floor:
                 break
-            if not state.keep[name][idx]:
-                state.keep[name][idx] = True
+            if not kept[name][idx]:
+                kept[name][idx] = True
                 trial = cost()
                 if trial <= target:
                     current = trial
                 else:
-                    state.keep[name][idx] = False
+                    kept[name][idx] = False
         return current
 
     units = sorted(((float(s), name, idx) for name, tensor in scores.items()
@@ -150,15 +137,15 @@ def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budge
     for _ in range(8):
         if current >= floor:
             break
-        coarse = next(((n, i) for _, n, i in reversed(units) if n != "ffn" and not state.keep[n][i]), None)
+        coarse = next(((n, i) for _, n, i in reversed(units) if n != "ffn" and not kept[n][i]), None)
         if coarse is None:
             break
-        state.keep[coarse[0]][coarse[1]] = True
+        kept[coarse[0]][coarse[1]] = True
         if drop([u for u in units if u[1] == "ffn"], target) > target:
-            state.keep[coarse[0]][coarse[1]] = False  # not enough neurons to make room: give up on it
+            kept[coarse[0]][coarse[1]] = False  # not enough neurons to make room: give up on it
             break
         current = fill(units[::-1])
-    return state.kept()
+    return kept_from_keep(kept)
 
 
 def _indices(tensor: torch.Tensor) -> list[tuple[int, ...]]:

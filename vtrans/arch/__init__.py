@@ -1,7 +1,7 @@
 """Family adapters. `adapter_for(model)` picks the one for a model, by its config's model_type."""
 from __future__ import annotations
 
-from vtrans.arch.base import Adapter, Dims, Kept, MaskValues, detach_masks
+from vtrans.arch.base import Adapter, Dims, Kept, MaskValues, detach_masks, unit_counts
 from vtrans.arch.bert import BertAdapter
 from vtrans.errors import UsageError
 
@@ -23,4 +23,4 @@ def adapter_for(model) -> Adapter:
 
 
 __all__ = ["Adapter", "Dims", "Kept", "MaskValues", "adapter_for", "adapter_class_for", "detach_masks",
-           "SUPPORTED_MODEL_TYPES"]
+           "SUPPORTED_MODEL_TYPES", "unit_counts"]

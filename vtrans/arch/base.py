@@ -100,6 +100,13 @@ class Kept:
         }
 
 
+def unit_counts(per_unit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Counts in the form `Adapter.cost` takes, from per-unit keep values shaped like the masks: 0/1 for a
+    kept set, keep probabilities for an expected cost."""
+    return {"hidden": per_unit["hidden"].sum(), "heads": per_unit["heads"].sum(-1), "ffn": per_unit["ffn"].sum(-1),
+            "attention": per_unit["attention"], "ffn_block": per_unit["ffn_block"]}
+
+
 class MaskValues:
     """The mask values the attached hooks read on each forward pass.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtrans.arch.base import unit_counts
+
 
 class VIBMask(nn.Module):
     def __init__(self, shape: tuple[int, ...], mu_init: float = 1.0, log_sigma2_init: float = -6.0):
@@ -57,9 +59,7 @@ class VIBMasks(nn.Module):
 
     def expected_sizes(self, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Expected kept counts per group, in the form Adapter.cost takes."""
-        p = {name: m.expected_keep(temperature) for name, m in self.groups.items()}
-        return {"hidden": p["hidden"].sum(), "heads": p["heads"].sum(-1), "ffn": p["ffn"].sum(-1),
-                "attention": p["attention"], "ffn_block": p["ffn_block"]}
+        return unit_counts({name: m.expected_keep(temperature) for name, m in self.groups.items()})
 
     def log_alphas(self) -> dict[str, torch.Tensor]:
         return {name: m.log_alpha().detach() for name, m in self.groups.items()}
