@@ -12,7 +12,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForSequenceClassification
 
-from vtrans.arch import adapter_class_for, adapter_for
+from vtrans.arch import Kept, adapter_class_for, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, parse_target
 from vtrans.checkpoint import Checkpoint
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, Encoded, demo_path, holdout_split, load_table
@@ -162,7 +162,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         budget=budget, dense_cost=dense, compressed_cost=compressed_cost, dense_metric=dense_metric,
         compressed_metric=compressed_metric, latency=latency, latency_shape=(opts.latency_batch,
                                                                             opts.latency_seq_len),
-        kept=outcome.kept, compression_seconds=compression_seconds, teacher_cache=teacher.fine_tuned_at,
+        kept=outcome.kept, dense_kept=Kept.dense(teacher_adapter.dims()), compression_seconds=compression_seconds, teacher_cache=teacher.fine_tuned_at,
         seed=opts.seed, tolerance=TOLERANCE)
     save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
          overwrite=opts.overwrite)

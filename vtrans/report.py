@@ -11,7 +11,7 @@ from vtrans.budget import Budget
 
 def build_report(*, method: str, model: str, data: str, eval_data: str, budget: Budget, dense_cost: dict,
                  compressed_cost: dict, dense_metric: dict, compressed_metric: dict, latency: dict,
-                 latency_shape: tuple[int, int], kept: Kept, compression_seconds: float,
+                 latency_shape: tuple[int, int], kept: Kept, dense_kept: Kept, compression_seconds: float,
                  teacher_cache: str | None, seed: int, tolerance: float) -> dict:
     target = budget.fraction(dense_cost)
     achieved = compressed_cost[budget.kind] / dense_cost[budget.kind]
@@ -31,6 +31,8 @@ def build_report(*, method: str, model: str, data: str, eval_data: str, budget: 
         "latency_setting": {"batch": latency_shape[0], "seq_len": latency_shape[1],
                             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()},
         "kept": kept.sizes(),
+        "dense_kept": dense_kept.sizes(),
+        "kept_units": {"hidden": kept.hidden, "heads": kept.heads, "ffn": kept.ffn},  # dense indices (probe)
         "compression_seconds": compression_seconds,
         "teacher_fine_tuned_at": teacher_cache,
         "seed": seed,

@@ -161,6 +161,12 @@ class Adapter:
         """The transformer layers, in order: each maps the residual stream to the next."""
         raise NotImplementedError
 
+    def unit_linears(self, layer: int) -> dict[str, tuple[list[nn.Linear], nn.Linear]]:
+        """For 'heads' and 'ffn' of a dense layer: the linears whose output rows make the units (head_dim rows
+        per head, in head order) and the linear that reads them as input columns, whose output is the sum of
+        the units' contributions plus its bias. Weight-based methods (magnitude, Fisher's rescaling) use it."""
+        raise NotImplementedError
+
     def head_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """The task logits from the last layer's output (what the model's head does after the layers)."""
         raise NotImplementedError

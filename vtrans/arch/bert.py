@@ -105,6 +105,12 @@ class BertAdapter(Adapter):
     def layer_modules(self) -> nn.ModuleList:
         return self.layers
 
+    def unit_linears(self, layer: int) -> dict[str, tuple[list[nn.Linear], nn.Linear]]:
+        block = self.layers[layer]
+        attention = block.attention
+        return {"heads": ([attention.self.query, attention.self.key, attention.self.value], attention.output.dense),
+                "ffn": ([block.intermediate.dense], block.output.dense)}
+
     def head_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         if self.head_out_owner is self.model:  # BERT: pooler, dropout, classifier
             return self.model.classifier(self.model.dropout(self.base.pooler(last_hidden)))

@@ -7,5 +7,7 @@ METHODS = {
     "faster-vtrans": vtrans.run_faster,
     "optin": optin.run,
     "random": baselines.run_random,
+    "magnitude": baselines.run_magnitude,
+    "fisher": baselines.run_fisher,
 }
-KEEPS_HIDDEN = {"optin", "random"}  # methods that prune heads and neurons only
+KEEPS_HIDDEN = {"optin", "random", "magnitude", "fisher"}  # methods that prune heads and neurons only

@@ -1,17 +1,27 @@
-"""Baselines that every claim is measured against."""
+"""Baselines that every claim is measured against: random, magnitude and Fisher (Kwon et al. 2022).
+
+None retrains. Like OPTIN they prune heads and FFN neurons only (hidden dims and blocks stay), so the four
+differ only in how they score units. Magnitude and Fisher choose with the same search as OPTIN.
+"""
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from vtrans.methods.base import Job, Outcome
-from vtrans.methods.optin import keep_structure_of
+import torch
+from tqdm.auto import tqdm
+
+from vtrans.arch import Kept, MaskValues, detach_masks
 from vtrans.budget import select_kept
-from vtrans.surgery import cut_model
+from vtrans.data import stratified_indices
+from vtrans.methods.base import Job, Outcome
+from vtrans.methods.search import keep_structure_of, score_log, search_kept
+from vtrans.surgery import cut_model, indicators
+
+GROUPS = ("heads", "ffn")
 
 
 def run_random(job: Job) -> Outcome:
-    """Uniformly random heads and FFN neurons (seeded) filling the budget; hidden dims and blocks stay, like
-    OPTIN's, so the two differ only in which units they choose. No retraining."""
+    """Uniformly random heads and FFN neurons (seeded) filling the budget."""
     generator = torch.Generator().manual_seed(job.seed)
     dims = job.adapter.dims()
     scores = {"heads": torch.rand(dims.layers, dims.heads, generator=generator),
@@ -19,3 +29,153 @@ def run_random(job: Job) -> Outcome:
     kept = select_kept(job.adapter, keep_structure_of(scores, dims), job.budget)
     cut_model(job.adapter, kept)
     return Outcome(model=job.model, kept=kept)
+
+
+def _unit_width(dims, group: str) -> int:
+    return dims.head_dim if group == "heads" else 1
+
+
+@torch.no_grad()
+def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
+    """Squared L2 norm of every weight and bias that writes or reads a unit, per head and neuron. Squared
+    norms add up over a unit's weights, so a head and a neuron are compared by the same measure."""
+    dims = adapter.dims()
+    scores = {}
+    for group in GROUPS:
+        width, rows = _unit_width(dims, group), []
+        for i in range(dims.layers):
+            writers, reader = adapter.unit_linears(i)[group]
+            per_row = reader.weight.square().sum(0)
+            for linear in writers:
+                per_row = per_row + linear.weight.square().sum(1)
+                if linear.bias is not None:
+                    per_row = per_row + linear.bias.square()
+            rows.append(per_row.view(-1, width).sum(1))
+        scores[group] = torch.stack(rows)
+    return scores
+
+
+def run_magnitude(job: Job) -> Outcome:
+    scores = magnitude_scores(job.adapter)
+    kept = search_kept(job.adapter, job.budget, scores)
+    cut_model(job.adapter, kept)
+    return Outcome(model=job.model, kept=kept, log=score_log(scores))
+
+
+@dataclass
+class FisherSettings:
+    samples: int = 2048  # examples whose squared mask gradients are summed
+    rescale_samples: int = 512  # examples for the per-layer least-squares rescaling
+    ridge: float = 1e-6  # relative damping of the least-squares normal equations
+    max_scale: float = 10.0  # rescaled mask values are clamped to [-max_scale, max_scale], as in Kwon et al.
+
+
+def _sample_loader(job: Job, samples: int):
+    fraction = min(1.0, samples / len(job.train))
+    indices = stratified_indices(job.train.labels, fraction, job.seed) if fraction < 1 else None
+    return job.train.loader(job.batch_size, indices=indices)
+
+
+def fisher_scores(job: Job, settings: FisherSettings) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher information of every head and neuron mask variable: squared per-example gradients of
+    the task loss with respect to a mask value of 1, summed. Each example has its own row of mask variables
+    (the masks' batch axis), so one backward pass gives every example's gradient."""
+    model, adapter = job.model.eval(), job.adapter
+    dims = adapter.dims()
+    fisher = {group: torch.zeros(dims.mask_shapes()[group]) for group in GROUPS}
+    values = MaskValues()
+    handles = adapter.attach_masks(values)
+    try:
+        for batch in tqdm(_sample_loader(job, settings.samples), desc=f"{job.method}: Fisher information",
+                          dynamic_ncols=True):
+            b = batch["input_ids"].shape[0]
+            z = {name: torch.ones(b, *shape, requires_grad=name in GROUPS)
+                 for name, shape in dims.mask_shapes().items()}
+            values.set(z, torch.ones(dims.hidden))
+            loss = model(**batch).loss * b  # the model's own task loss, summed over the batch
+            grads = torch.autograd.grad(loss, [z[group] for group in GROUPS])
+            for group, grad in zip(GROUPS, grads):
+                fisher[group] += grad.square().sum(0)
+    finally:
+        detach_masks(handles)
+        values.set(None)
+    return fisher
+
+
+@torch.no_grad()
+def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Kwon et al.'s mask tuning: layer by layer, heads then neurons, the kept units' mask values are set by
+    least squares so that the layer reading them (attention output, FFN output) reproduces the dense model's
+    output, given the pruned model's own input (earlier layers already rescaled). Returns mask values for
+    `cut_model` and, per layer and group, the squared reconstruction error before and after."""
+    model, adapter = job.model.eval(), job.adapter
+    dims = adapter.dims()
+    teacher_adapter = type(adapter)(job.teacher)
+    loader = _sample_loader(job, settings.rescale_samples)
+    scale = indicators(kept, dims)
+    values = MaskValues()
+    handles = adapter.attach_masks(values)
+    log = []
+    try:
+        for i in range(dims.layers):
+            for group in GROUPS:
+                units = torch.tensor(kept.heads[i] if group == "heads" else kept.ffn[i], dtype=torch.long)
+                if len(units) == 0:
+                    continue
+                gram, rhs, target_energy = _normal_equations(
+                    job, loader, values, scale, adapter.unit_linears(i)[group][1],
+                    teacher_adapter.unit_linears(i)[group][1], units, _unit_width(dims, group))
+                damping = settings.ridge * gram.diagonal().mean() * torch.eye(len(units), dtype=gram.dtype)
+                solution = torch.linalg.solve(gram + damping, rhs).clamp(-settings.max_scale, settings.max_scale)
+                ones = torch.ones_like(solution)
+                error = lambda m: float(target_energy - 2 * m @ rhs + m @ gram @ m)  # noqa: E731
+                log.append({"phase": "rescale", "layer": i, "group": group, "error_before": error(ones),
+                            "error_after": error(solution)})
+                scale[group][i, units] = solution.float()
+    finally:
+        detach_masks(handles)
+        values.set(None)
+    return scale, log
+
+
+def _normal_equations(job, loader, values, scale, reader, teacher_reader, units, width):
+    """Accumulate, over the loader, the least-squares system for the kept units' mask values m:
+    minimise sum_t |sum_u m_u C_u(t) - (Y_t - bias)|^2 over real tokens t, where C_u(t) is unit u's
+    contribution to the reader's output and Y the dense model's reader output. Returns (C^T C, C^T b, b^T b)."""
+    captured = {}
+    hooks = [reader.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0])),
+             teacher_reader.register_forward_hook(lambda m, args, out: captured.__setitem__("y", out))]
+    n = len(units)
+    weight = reader.weight.view(reader.out_features, -1, width)[:, units].flatten(1).double()  # (H, n*w)
+    weight_gram = weight.T @ weight  # (n*w, n*w): W_u^T W_v blocks
+    bias = reader.bias if reader.bias is not None else 0
+    inputs_gram, rhs, energy = torch.zeros_like(weight_gram), torch.zeros(n * width, dtype=torch.float64), 0.0
+    try:
+        for batch in loader:
+            batch.pop("labels")
+            job.teacher(**batch)
+            values.set({name: v.unsqueeze(0) for name, v in scale.items()}, scale["hidden"])
+            job.model(**batch)
+            tokens = batch["attention_mask"].bool()
+            # the kept units' values are still 1 here, so the reader's input holds their plain activations
+            x = captured["x"][tokens].unflatten(-1, (-1, width))[:, units].flatten(1).double()  # (T, n*w)
+            b = (captured["y"][tokens] - bias).double()
+            inputs_gram += x.T @ x
+            rhs += ((b @ weight) * x).sum(0)
+            energy += float(b.square().sum())
+    finally:
+        values.set(None)
+        for hook in hooks:
+            hook.remove()
+    # C_u(t) = W_u x_tu, so C^T C = sum over each unit pair's (w x w) block of (X^T X) * (W^T W)
+    gram = (inputs_gram * weight_gram).view(n, width, n, width).sum((1, 3))
+    return gram, rhs.view(n, width).sum(1), energy
+
+
+def run_fisher(job: Job, settings: FisherSettings | None = None) -> Outcome:
+    settings = settings or FisherSettings()
+    scores = fisher_scores(job, settings)
+    kept = search_kept(job.adapter, job.budget, scores)
+    scale, log = rescale(job, kept, settings)
+    cut_model(job.adapter, kept, scale)
+    return Outcome(model=job.model, kept=kept, log=score_log(scores) + log)

@@ -5,8 +5,7 @@ calibration batch: its trajectory, the distance between the Gram matrices of L2-
 of every later layer with and without the unit, plus a temperature-scaled KL on the logits. Ablations are
 batched: `units_per_forward` copies of the calibration batch go through the layers together, each copy with
 one unit zeroed through the mask batch axis, and only the layers from the unit's own onwards are run.
-Then the kept set is searched: for every number of kept heads (most important first), the rest of the
-budget goes to the most important neurons; the split that removes the least total score wins. The hidden
+Then `search_kept` (methods/search.py) picks how many heads and neurons to keep under the budget. The hidden
 dimension is not pruned (OPTIN's scores are for heads and neurons).
 """
 from __future__ import annotations
@@ -17,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vtrans.arch import Kept, MaskValues, detach_masks
-from vtrans.budget import dense_cost, exact_cost, select_kept
+from vtrans.arch import MaskValues, detach_masks
 from vtrans.data import stratified_indices
 from vtrans.methods.base import Job, Outcome
+from vtrans.methods.search import score_log, search_kept
 from vtrans.surgery import cut_model
 
 
@@ -108,61 +107,8 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     return scores
 
 
-def search_kept(job: Job, scores: dict[str, torch.Tensor]) -> Kept:
-    """For each number of kept heads, fill the rest of the budget with the best neurons; keep the split that
-    removes the least total score, then let `select_kept` bring it within the budget's tolerance."""
-    adapter, budget = job.adapter, job.budget
-    dims = adapter.dims()
-    seq = budget.seq_len
-    dense = dense_cost(adapter, seq)
-    target = budget.fraction(dense) * dense[budget.kind]
-    every = list(range(dims.hidden))
-    head_scores, head_rank = scores["heads"].flatten().sort(descending=True)
-    neuron_scores, neuron_rank = scores["ffn"].flatten().sort(descending=True)
-    head_order = [divmod(int(u), dims.heads) for u in head_rank]
-    neuron_order = [divmod(int(u), dims.ffn) for u in neuron_rank]
-    # kept_score[n] = total score of the n best units
-    kept_heads_score = torch.cat([torch.zeros(1), head_scores.cumsum(0)])
-    kept_neurons_score = torch.cat([torch.zeros(1), neuron_scores.cumsum(0)])
-    no_ffn = [[] for _ in range(dims.layers)]
-    one_neuron = [[0]] + [[] for _ in range(dims.layers - 1)]
-    per_neuron = (exact_cost(adapter, Kept(every, no_ffn, one_neuron), seq)[budget.kind]
-                  - exact_cost(adapter, Kept(every, no_ffn, no_ffn), seq)[budget.kind])  # hidden is fixed
-    best = None
-    for n_heads in range(len(head_order) + 1):
-        heads = [[] for _ in range(dims.layers)]
-        for layer, head in head_order[:n_heads]:
-            heads[layer].append(head)
-        base = exact_cost(adapter, Kept(every, heads, no_ffn), seq)[budget.kind]
-        if base > target:
-            break
-        n_neurons = min(len(neuron_order), int((target - base) // per_neuron))
-        removed = (kept_heads_score[-1] - kept_heads_score[n_heads]
-                   + kept_neurons_score[-1] - kept_neurons_score[n_neurons])
-        if best is None or removed < best[0]:
-            best = (float(removed), n_heads, n_neurons)
-    keep = {name: torch.zeros(shape, dtype=torch.bool) for name, shape in dims.mask_shapes().items()}
-    keep["hidden"][:] = keep["attention"][:] = keep["ffn_block"][:] = True
-    _, n_heads, n_neurons = best
-    for layer, head in head_order[:n_heads]:
-        keep["heads"][layer, head] = True
-    for layer, unit in neuron_order[:n_neurons]:
-        keep["ffn"][layer, unit] = True
-    return select_kept(adapter, keep_structure_of(scores, dims), budget, keep)
-
-
-def keep_structure_of(scores: dict[str, torch.Tensor], dims) -> dict[str, torch.Tensor]:
-    """Rankings for `select_kept` from head and neuron scores alone: the hidden dims and whole blocks, which
-    are not scored, rank above everything and so stay."""
-    fixed = float("inf")
-    return {"hidden": torch.full((dims.hidden,), fixed), "attention": torch.full((dims.layers,), fixed),
-            "ffn_block": torch.full((dims.layers,), fixed), "heads": scores["heads"], "ffn": scores["ffn"]}
-
-
 def run(job: Job, settings: OptinSettings | None = None) -> Outcome:
     scores = trajectory_scores(job, settings or OptinSettings())
-    kept = search_kept(job, scores)
+    kept = search_kept(job.adapter, job.budget, scores)
     cut_model(job.adapter, kept)
-    log = [{"phase": "score", "group": g, "layer": i, "scores": row.tolist()}
-           for g, s in scores.items() for i, row in enumerate(s)]
-    return Outcome(model=job.model, kept=kept, log=log)
+    return Outcome(model=job.model, kept=kept, log=score_log(scores))
