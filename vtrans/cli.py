@@ -66,6 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--targets", default="flops=0.6,flops=0.4", help="comma-separated (default: flops=0.6,flops=0.4)")
     b.add_argument("--plot-method", help="the method whose kept heads/neurons per layer are drawn (default: first)")
     b.add_argument("--out", default="vtrans-bench", help="output directory (default: vtrans-bench)")
+
+    p = commands.add_parser("probe", help="where each attention head looks; were the pruned heads different?",
+                            description="Per head of the dense MODEL, over a sample of DATA: attention mass on "
+                                        "special tokens, the current token, the previous token and the rest, and "
+                                        "its entropy. With --compressed DIR: which heads were kept, and a test of "
+                                        "whether pruned heads favour special/current tokens.")
+    p.add_argument("model", nargs="?", help="the dense model (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--data", help="text data (default: bundled Rotten Tomatoes test sample)")
+    p.add_argument("--compressed", help="a directory written by vtrans compress from MODEL")
+    p.add_argument("--out", help="output directory (default: COMPRESSED/probe, or vtrans-probe)")
+    p.add_argument("--samples", type=int, default=256, help="examples to probe (default: 256)")
+    p.add_argument("--examples", type=int, default=4, help="sentences shown one by one (default: 4)")
+    p.add_argument("--max-length", type=int, default=DEFAULTS.max_length)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+    r = commands.add_parser("report", help="an HTML page (with PNGs) on a compressed model",
+                            description="Writes DIR/report.html: budget, dense vs compressed, what was kept per "
+                                        "layer, training curves, and the probe if DIR/probe exists.")
+    r.add_argument("dir", help="a directory written by vtrans compress")
+    r.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return parser
 
 
@@ -75,7 +97,7 @@ def split_list(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = {name: getattr(args, name) for name in RUN_OPTIONS}
+    options = {name: getattr(args, name) for name in RUN_OPTIONS if hasattr(args, name)}
     try:
         if args.command == "compress":
             from vtrans.report import summary
@@ -91,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
                          plot_method=args.plot_method, overwrite=args.overwrite, **options)
             print(markdown(rows))
             print(f"vtrans bench: table, rows and plots in {args.out}")
+        elif args.command == "probe":
+            from vtrans.probe import probe
+
+            if args.samples < 1 or args.examples < 0:
+                raise UsageError("--samples must be at least 1 and --examples 0 or more")
+            probe(args.model, args.data, args.out, args.compressed, samples=args.samples, examples=args.examples,
+                  max_length=args.max_length, seed=args.seed, overwrite=args.overwrite)
+        elif args.command == "report":
+            from vtrans.report import write_html
+
+            print(f"vtrans report: {write_html(args.dir)}")
     except UsageError as e:
         if args.debug:
             raise

@@ -51,7 +51,7 @@ def compression_time(rows: list[dict], path: Path) -> Path:
         seconds = [next((r["compression_seconds"] for r in done if r["method"] == m and r["target"] == target),
                         np.nan) for m in methods]
         bars = ax.bar(np.arange(len(methods)) + k * width, seconds, width, label=target)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.set_xticks(np.arange(len(methods)) + width * (len(targets) - 1) / 2, methods, rotation=20)
     ax.set_yscale("log")
     ax.set_ylabel("compression wall time (s, log scale)")

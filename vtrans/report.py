@@ -1,12 +1,17 @@
-"""report.json for a compressed model, and the short summary printed at the end of a run."""
+"""What a run reports: report.json for a compressed model, the summary printed at the end of a run, and the
+HTML page of `vtrans report DIR`."""
 from __future__ import annotations
 
+import html
+import json
 import platform
+from pathlib import Path
 
 import torch
 
 from vtrans.arch import Kept
 from vtrans.budget import Budget
+from vtrans.errors import UsageError
 
 
 def build_report(*, method: str, model: str, data: str, eval_data: str, budget: Budget, dense_cost: dict,
@@ -60,3 +65,108 @@ def summary(report: dict, out) -> str:
         f"  time      {report['compression_seconds']:.0f} s",
         f"  load it:  vtrans.load('{out}')",
     ])
+
+
+def write_html(out: str | Path) -> Path:
+    """DIR/report.html: one self-contained page (no scripts, no network; PNGs beside it in DIR) on what the
+    compression cost and kept, its training curves, and the attention probe if DIR/probe exists."""
+    from vtrans import plots
+
+    out = Path(out)
+    path = out / "report.json"
+    if not path.is_file():
+        raise UsageError(f"{out}: no report.json; give a directory written by vtrans compress")
+    report = json.loads(path.read_text())
+    log_path = out / "training_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else []
+    kept_png = plots.kept_per_layer([(f"{report['method']} at {report['budget']['kind']}="
+                                      f"{report['budget']['target_fraction']:.4g}", report["kept"],
+                                      report["dense_kept"])], out / "report_kept.png")
+    curves_png = plots.training_curves(log, out / "report_training.png")
+    probe_path = out / "probe" / "probe.json"
+    probe = json.loads(probe_path.read_text()) if probe_path.is_file() else None
+
+    dense, small, budget = report["dense"], report["compressed"], report["budget"]
+    metric = next(iter(dense["metric"]))
+    setting = report["latency_setting"]
+    parts = [f"<h1>vtrans: {e(report['method'])} on {e(report['model'])}</h1>",
+             f"<p>Data: {e(report['data']['train'])}; evaluated on {e(report['data']['eval'])}. "
+             f"Compression took {report['compression_seconds']:.0f} s (seed {report['seed']}).</p>",
+             "<h2>Budget</h2>",
+             table(["kind", "target (fraction of dense)", "achieved", "met"],
+                   [[budget["kind"], f"{budget['target_fraction']:.4f}", f"{budget['achieved_fraction']:.4f}",
+                     "yes" if budget["met"] else f"NO (tolerance {budget['tolerance']:.0%})"]]),
+             "<h2>Dense vs compressed</h2>",
+             table(["", metric, "parameters", f"FLOPs per {report['target']['seq_len']}-token sequence",
+                    f"latency (ms, batch {setting['batch']} x {setting['seq_len']}, {setting['threads']} threads)"],
+                   [["dense", f"{dense['metric'][metric]:.4f}", f"{dense['params']:,}", f"{dense['flops']:,}",
+                     f"{dense['latency_ms']:.1f}"],
+                    ["compressed", f"{small['metric'][metric]:.4f}", f"{small['params']:,}", f"{small['flops']:,}",
+                     f"{small['latency_ms']:.1f}"],
+                    ["ratio", f"{small['metric'][metric] - dense['metric'][metric]:+.4f}",
+                     f"{small['params'] / dense['params']:.3f}", f"{small['flops'] / dense['flops']:.3f}",
+                     f"{report['speedup']:.2f}x faster"]]),
+             f"<p>Latency is measured on this machine ({e(setting['machine'])}), dense and compressed "
+             "interleaved in one process.</p>",
+             "<h2>What was kept</h2>",
+             f"<p>Hidden width {report['kept']['hidden']} of {report['dense_kept']['hidden']}.</p>",
+             image(kept_png.name, "kept heads and FFN neurons per layer"),
+             table(["layer", "heads", "FFN neurons", "attention block", "FFN block"],
+                   [[i, f"{l['heads']} / {d['heads']}", f"{l['ffn']} / {d['ffn']}",
+                     "kept" if l["attention"] else "dropped", "kept" if l["ffn_block"] else "dropped"]
+                    for i, (l, d) in enumerate(zip(report["kept"]["layers"], report["dense_kept"]["layers"]))]),
+             "<h2>Training</h2>",
+             image(curves_png.name, "training curves") if curves_png else
+             "<p>This method does not train (one-shot): no curves.</p>"]
+    if probe is not None:
+        parts += probe_section(probe)
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>vtrans report: {e(report['method'])}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            + "\n".join(parts) + "\n</body>\n</html>\n")
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return html_path
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+         "text-align:right}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:0.4em 0}")
+
+
+def e(value) -> str:
+    return html.escape(str(value))
+
+
+def table(header: list, rows: list[list]) -> str:
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+def image(relative: str, alt: str) -> str:
+    return f'<p><img src="{e(relative)}" alt="{e(alt)}"></p>'
+
+
+def probe_section(probe: dict) -> list[str]:
+    parts = ["<h2>Attention probe</h2>",
+             f"<p>{probe['samples']} examples ({probe['query_tokens']} query tokens) of {e(probe['data'])}; "
+             f"special tokens: {e(', '.join(probe['special_tokens']))}. Red crosses mark pruned heads.</p>"]
+    claim = probe.get("claim")
+    if claim:
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        parts += ["<p>The paper's claim: pruned heads put more attention on special and current tokens than "
+                  "kept heads. One-sided Mann-Whitney U test (pruned &gt; kept):</p>",
+                  table(["measure", "pruned heads", "mean (pruned)", "kept heads", "mean (kept)", "U",
+                         "P(pruned > kept)", "p-value"],
+                        [[name, r["pruned_heads"], fmt(r["pruned_mean"], ".3f"), r["kept_heads"],
+                          fmt(r["kept_mean"], ".3f"), fmt(r.get("u"), ".1f"), fmt(r.get("effect"), ".2f"),
+                          fmt(r.get("p_value"), ".3g")] for name, r in claim.items()])]
+    for measure in ("special", "current", "previous", "rest", "entropy"):
+        parts.append(image(f"probe/{measure}.png", f"probe: {measure}"))
+    if probe.get("examples"):
+        parts += ["<h3>Examples: most attended tokens</h3>",
+                  table(["sentence", "kept heads", "pruned heads"],
+                        [[v["text"][:100], ", ".join(f"{t} {m:.2f}" for t, m in v["kept_top"]),
+                          ", ".join(f"{t} {m:.2f}" for t, m in v["pruned_top"])] for v in probe["examples"]]),
+                  image("probe/examples.png", "attention received per token, kept vs pruned heads")]
+    return parts
