@@ -12,6 +12,7 @@ put more mass on special + current tokens than kept heads? (means, and a one-sid
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from scipy.stats import mannwhitneyu
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from vtrans import plots
 from vtrans.data import Encoded, load_table, stratified_indices
@@ -103,6 +105,16 @@ def received_attention(attentions, real: torch.Tensor, heads: np.ndarray) -> tor
     return total / max(n, 1)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
 def probe(model: str | None, data: str | None, out: str | Path | None = None, compressed: str | Path | None = None,
           samples: int = 256, examples: int = 4, max_length: int = 128, batch_size: int = 32, seed: int = 0,
           overwrite: bool = False, say=print) -> dict:
@@ -120,7 +132,8 @@ def probe(model: str | None, data: str | None, out: str | Path | None = None, co
         list(range(len(table)))
     table = table.subset(rows)
     tokenizer = AutoTokenizer.from_pretrained(name)
-    encoder = AutoModel.from_pretrained(name, attn_implementation="eager").eval()  # eager: returns attentions
+    with quiet_transformers():  # a classifier checkpoint loaded as a bare encoder: its head is unused, say nothing
+        encoder = AutoModel.from_pretrained(name, attn_implementation="eager").eval()  # eager: returns attentions
     config = encoder.config
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     kept = kept_heads_of(Path(compressed), layers, heads) if compressed else None

@@ -103,7 +103,7 @@ def write_html(out: str | Path) -> Path:
                      f"{dense['latency_ms']:.1f}"],
                     ["compressed", f"{small['metric'][metric]:.4f}", f"{small['params']:,}", f"{small['flops']:,}",
                      f"{small['latency_ms']:.1f}"],
-                    ["ratio", f"{small['metric'][metric] - dense['metric'][metric]:+.4f}",
+                    ["change", f"{small['metric'][metric] - dense['metric'][metric]:+.4f}",
                      f"{small['params'] / dense['params']:.3f}", f"{small['flops'] / dense['flops']:.3f}",
                      f"{report['speedup']:.2f}x faster"]]),
              f"<p>Latency is measured on this machine ({e(setting['machine'])}), dense and compressed "
@@ -130,7 +130,8 @@ def write_html(out: str | Path) -> Path:
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-         "text-align:right}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:0.4em 0}")
+         "text-align:right}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:0.4em 0}"
+         ".grid{display:flex;flex-wrap:wrap;gap:4px}.grid img{width:49%}")
 
 
 def e(value) -> str:
@@ -161,8 +162,9 @@ def probe_section(probe: dict) -> list[str]:
                         [[name, r["pruned_heads"], fmt(r["pruned_mean"], ".3f"), r["kept_heads"],
                           fmt(r["kept_mean"], ".3f"), fmt(r.get("u"), ".1f"), fmt(r.get("effect"), ".2f"),
                           fmt(r.get("p_value"), ".3g")] for name, r in claim.items()])]
-    for measure in ("special", "current", "previous", "rest", "entropy"):
-        parts.append(image(f"probe/{measure}.png", f"probe: {measure}"))
+    parts.append('<div class="grid">' + "".join(
+        f'<img src="probe/{m}.png" alt="probe: {m}">' for m in ("special", "current", "previous", "rest", "entropy"))
+        + "</div>")
     if probe.get("examples"):
         parts += ["<h3>Examples: most attended tokens</h3>",
                   table(["sentence", "kept heads", "pruned heads"],
