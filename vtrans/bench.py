@@ -92,6 +92,8 @@ def bench(model: str | None, data: str | None, methods: list[str], targets: list
     for target in targets:
         parse_target(target, 2)  # syntax errors now, not after an hour of runs
     plot_method = plot_method or methods[0]
+    if plot_method not in methods:
+        raise UsageError(f"--plot-method {plot_method} is not one of --methods {','.join(methods)}")
     out = Path(out)
     check_output_dir(out, overwrite)
     (out / "models").mkdir(parents=True, exist_ok=True)
