@@ -72,6 +72,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("user's file")
+    capsys.readouterr()  # the progress bars of writing these checkpoints are not the command's output
     cases = [
         ([gpt, "--data", data, "--out", out], "model type 'gpt2' is not supported"),
         ([ckpt, "--data", data, "--target", "flops=0", "--out", out], "greater than 0"),

@@ -209,3 +209,24 @@ def reader_errors(j, kept, scale, batch) -> list[float]:
         detach_masks(hooks)
     tokens = batch["attention_mask"].bool()
     return [float((s[tokens] - t[tokens]).square().sum()) for s, t in zip(outputs["student"], outputs["teacher"])]
+
+
+def test_teacher_outputs_are_remembered_per_example_whatever_the_batching(job):
+    from vtrans.training import TeacherOutputs
+    j = job("fast-vtrans")
+    remembered, passthrough = TeacherOutputs(j.teacher), TeacherOutputs(j.teacher, max_bytes=0)
+    first = j.train.loader(16, shuffle=True, seed=1)
+    for batch in first:
+        batch.pop("labels")
+        remembered(batch)
+    forwards = remembered.forwards
+    assert forwards == len(first)
+    for batch in j.train.loader(7, shuffle=True, seed=2):  # other batches, other padding lengths
+        batch.pop("labels")
+        got, fresh = remembered(batch), passthrough(batch)
+        real = batch["attention_mask"].bool()
+        assert torch.allclose(got.logits, fresh.logits, atol=1e-5)
+        for g, f in zip(got.hidden_states, fresh.hidden_states):
+            assert torch.allclose(g[real], f[real], atol=1e-5) and (g[~real] == 0).all()
+    assert remembered.forwards == forwards and passthrough.forwards == len(j.train.loader(7))
+    assert passthrough.memory == {}

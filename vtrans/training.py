@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -34,6 +35,48 @@ def batches(loader, steps: int, desc: str, start: int = 0) -> Iterator[tuple[int
             yield step, batch
             progress.update()
     progress.close()
+
+
+class TeacherOutputs:
+    """The frozen teacher's logits and hidden states, remembered per example (keyed by its tokens) up to
+    `max_bytes`. The sampled variants go over the same small sample ten times, and the teacher's forward is
+    a good part of each step; with it remembered, later epochs skip it. Padding positions come back as
+    zeros: every loss here ignores them."""
+
+    def __init__(self, teacher, max_bytes: int = 1 << 30):
+        self.teacher, self.max_bytes, self.stored_bytes = teacher, max_bytes, 0
+        self.memory: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.forwards = 0  # teacher forward passes run (for tests and curiosity)
+
+    @staticmethod
+    def _keys(batch: dict) -> list[tuple]:
+        real = batch["attention_mask"].bool()
+        types = batch.get("token_type_ids")
+        return [(tuple(batch["input_ids"][b][real[b]].tolist()),
+                 tuple(types[b][real[b]].tolist()) if types is not None else ()) for b in range(len(real))]
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> SimpleNamespace:
+        keys = self._keys(batch)
+        real = batch["attention_mask"].bool()
+        if not all(key in self.memory for key in keys):
+            self.forwards += 1
+            out = self.teacher(**batch, output_hidden_states=True)
+            for b, key in enumerate(keys):
+                row = (out.logits[b].clone(), [h[b][real[b]].clone() for h in out.hidden_states])
+                size = sum(t.numel() * t.element_size() for t in [row[0], *row[1]])
+                if key not in self.memory and self.stored_bytes + size <= self.max_bytes:
+                    self.memory[key] = row
+                    self.stored_bytes += size
+            return out
+        rows = [self.memory[key] for key in keys]
+        hidden = []
+        for layer in range(len(rows[0][1])):
+            h = rows[0][1][layer].new_zeros(*real.shape, rows[0][1][layer].shape[-1])
+            for b, row in enumerate(rows):
+                h[b][real[b]] = row[1][layer]
+            hidden.append(h)
+        return SimpleNamespace(logits=torch.stack([row[0] for row in rows]), hidden_states=tuple(hidden))
 
 
 @dataclass
@@ -102,11 +145,13 @@ def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning t
 def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights,
             hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None,
             **checkpointing) -> None:
-    """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed."""
+    """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed. `teacher`
+    is the model or a `TeacherOutputs` of it."""
+    teacher_outputs = teacher if isinstance(teacher, TeacherOutputs) else TeacherOutputs(teacher, max_bytes=0)
+
     def loss_of(batch):
         labels = batch.pop("labels")
-        with torch.no_grad():
-            target = teacher(**batch, output_hidden_states=True)
+        target = teacher_outputs(batch)
         return distill_loss(student(**batch, output_hidden_states=True), target, labels,
                             batch["attention_mask"], weights, hidden_index=hidden_index)
     train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover", **checkpointing)

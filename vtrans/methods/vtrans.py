@@ -24,10 +24,11 @@ from vtrans.checkpoint import capture, restore
 from vtrans.masks import VIBMasks
 from vtrans.methods.base import Job, Outcome
 from vtrans.surgery import cut_model
-from vtrans.training import DistillWeights, batches, distill, distill_loss, steps_for
+from vtrans.training import DistillWeights, TeacherOutputs, batches, distill, distill_loss, steps_for
 
 
 SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast and faster variants): a sample is small
+SAMPLE_TEACHER_BYTES = 1 << 30  # teacher outputs remembered for a sample (343 MiniLM examples: ~0.1 GB)
 
 
 @dataclass
@@ -56,9 +57,11 @@ class Lagrangian(nn.Module):
 
 
 def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weights: bool = True,
-          state: dict | None = None) -> tuple[Kept, dict, list]:
+          state: dict | None = None, teacher: TeacherOutputs | None = None) -> tuple[Kept, dict, list]:
     """Train VIB masks (and the weights, unless frozen) under the Lagrangian; return the kept set meeting the
-    budget, the mu of every unit, and the training log. `state`, from a checkpoint, resumes."""
+    budget, the mu of every unit, and the training log. `state`, from a checkpoint, resumes; `teacher` may
+    remember the teacher's outputs across epochs."""
+    teacher = teacher or TeacherOutputs(job.teacher, max_bytes=0)
     model, adapter, budget = job.model, job.adapter, job.budget
     dims = adapter.dims()
     dense = dense_cost(adapter, budget.seq_len)
@@ -82,8 +85,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     try:
         for step, batch in batches(loader, steps, f"{job.method}: pruning", start):
             labels = batch.pop("labels")
-            with torch.no_grad():
-                teacher_out = job.teacher(**batch, output_hidden_states=True)
+            teacher_out = teacher(batch)
             hidden_keep = masks.hidden_keep()
             values.set(masks.sample(labels.shape[0]), hidden_keep)
             losses = distill_loss(model(**batch, output_hidden_states=True), teacher_out, labels,
@@ -115,7 +117,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     return kept, mu, log
 
 
-def _prune_and_cut(job: Job, settings: VTransSettings, loader, epochs: float,
+def _prune_and_cut(job: Job, settings: VTransSettings, loader, epochs: float, teacher: TeacherOutputs,
                    train_weights: bool = True) -> tuple[Kept, list, dict | None]:
     """Prune and cut, or, resuming a run killed while recovering, rebuild its cut model. Returns the kept set,
     the log, and the recovery state to resume (None to start recovery afresh)."""
@@ -124,14 +126,14 @@ def _prune_and_cut(job: Job, settings: VTransSettings, loader, epochs: float,
         kept = Kept(**state["kept"])
         job.adapter.cut(kept)  # the weights, already folded, come from the checkpoint
         return kept, state["log"], state
-    kept, mu, log = prune(job, settings, loader, epochs, train_weights, state)
+    kept, mu, log = prune(job, settings, loader, epochs, train_weights, state, teacher)
     cut_model(job.adapter, kept, mu)
     return kept, log, None
 
 
 def _recover(job: Job, kept: Kept, loader, steps: int, settings: VTransSettings, log: list,
-             state: dict | None) -> None:
-    distill(job.model, job.teacher, loader, steps, settings.recover_lr, settings.distill,
+             state: dict | None, teacher: TeacherOutputs) -> None:
+    distill(job.model, teacher, loader, steps, settings.recover_lr, settings.distill,
             hidden_index=torch.tensor(kept.hidden, dtype=torch.long), desc=f"{job.method}: recovering", log=log,
             checkpoint=job.checkpoint, state=state, extra={"kept": vars(kept)})
 
@@ -152,8 +154,10 @@ def _prune_cut_recover(job: Job, sampled: bool, settings: VTransSettings | None 
     default_epochs = SAMPLE_EPOCHS if sampled else 1.0
     epochs = default_epochs if job.prune_epochs is None else job.prune_epochs
     recover_epochs = epochs if job.recover_epochs is None else job.recover_epochs
-    kept, log, state = _prune_and_cut(job, settings, loader, epochs)
-    _recover(job, kept, loader, steps_for(recover_epochs, loader), settings, log, state)
+    # a sample is seen many times: remember the teacher's outputs (the full data is seen once or twice)
+    teacher = TeacherOutputs(job.teacher, max_bytes=SAMPLE_TEACHER_BYTES if sampled else 0)
+    kept, log, state = _prune_and_cut(job, settings, loader, epochs, teacher)
+    _recover(job, kept, loader, steps_for(recover_epochs, loader), settings, log, state, teacher)
     return Outcome(model=job.model, kept=kept, log=log)
 
 
@@ -162,6 +166,7 @@ def run_faster(job: Job, settings: VTransSettings | None = None) -> Outcome:
     settings = settings or VTransSettings()
     loader = job.loader(job.data_fraction)
     epochs = SAMPLE_EPOCHS if job.prune_epochs is None else job.prune_epochs
-    kept, log, state = _prune_and_cut(job, settings, loader, epochs, train_weights=False)
-    _recover(job, kept, loader, job.recover_steps, settings, log, state)
+    teacher = TeacherOutputs(job.teacher, max_bytes=SAMPLE_TEACHER_BYTES)
+    kept, log, state = _prune_and_cut(job, settings, loader, epochs, teacher, train_weights=False)
+    _recover(job, kept, loader, job.recover_steps, settings, log, state, teacher)
     return Outcome(model=job.model, kept=kept, log=log)
