@@ -66,14 +66,14 @@ def draw_kept(ax, kept: dict, dense: dict, title: str) -> None:
     x = np.arange(len(layers))
     heads = [l["heads"] / d["heads"] for l, d in zip(layers, dense_layers)]
     ffn = [l["ffn"] / d["ffn"] for l, d in zip(layers, dense_layers)]
-    for offset, shares, key, label, color in ((-0.2, heads, "heads", "attention heads", "tab:blue"),
-                                              (0.2, ffn, "ffn", "FFN neurons", "tab:orange")):
+    for offset, shares, key, block, label, color in (
+            (-0.2, heads, "heads", "attention", "attention heads", "tab:blue"),
+            (0.2, ffn, "ffn", "ffn_block", "FFN neurons", "tab:orange")):
         bars = ax.bar(x + offset, shares, 0.4, label=label, color=color)
-        ax.bar_label(bars, labels=[str(l[key]) for l in layers], fontsize=7)
-    for i, l in enumerate(layers):
-        for offset, on in ((-0.2, l["attention"]), (0.2, l["ffn_block"])):
-            if not on:
-                ax.text(i + offset, 0.03, "block\ndropped", ha="center", fontsize=6, color="tab:red")
+        ax.bar_label(bars, labels=[str(l[key]) if l[block] else "" for l in layers], fontsize=7)
+        for i, l in enumerate(layers):
+            if not l[block]:
+                ax.text(i + offset, 0.02, "block\ndropped", ha="center", fontsize=6, color="tab:red")
     ax.set_xticks(x, [f"layer {i}" for i in x], fontsize=8)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("share kept")

@@ -138,7 +138,8 @@ def probe(model: str | None, data: str | None, out: str | Path | None = None, co
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     kept = kept_heads_of(Path(compressed), layers, heads) if compressed else None
     encoded = Encoded(table, tokenizer, {str(v): 0 for v in table.labels}, max_length)
-    special_ids = sorted(set(tokenizer.all_special_ids) - {tokenizer.pad_token_id})
+    # structural tokens only: padding gets no attention and [UNK] stands for a real word
+    special_ids = sorted(set(tokenizer.all_special_ids) - {tokenizer.pad_token_id, tokenizer.unk_token_id})
 
     totals, count = None, 0
     with torch.no_grad():
