@@ -148,7 +148,13 @@ def test_magnitude_ranks_a_zero_weight_head_and_neuron_last(job):
     scores = baselines.magnitude_scores(j.adapter)
     assert scores["heads"][2, 1] == 0 and (scores["heads"].flatten().sort().values[1:] > 0).all()
     assert scores["ffn"][2, 7] == 0 and (scores["ffn"].flatten().sort().values[1:] > 0).all()
-    # each score is the squared norm of the unit's weights: check one by hand
+    # each score is the squared norm of the unit's weights: check a head and a neuron by hand
+    attention = j.model.bert.encoder.layer[1].attention
+    rows = slice(3 * head_dim, 4 * head_dim)
+    head_by_hand = sum(getattr(attention.self, n).weight[rows].square().sum()
+                       + getattr(attention.self, n).bias[rows].square().sum() for n in ("query", "key", "value"))
+    head_by_hand = head_by_hand + attention.output.dense.weight[:, rows].square().sum()
+    assert torch.isclose(scores["heads"][1, 3], head_by_hand)
     ffn = j.model.bert.encoder.layer[0]
     by_hand = (ffn.intermediate.dense.weight[3].square().sum() + ffn.intermediate.dense.bias[3] ** 2
                + ffn.output.dense.weight[:, 3].square().sum())
@@ -163,18 +169,20 @@ def test_fisher_scores_are_summed_squared_per_example_gradients(job):
     adapter, dims = j.adapter, j.adapter.dims()
     values = MaskValues()
     handles = adapter.attach_masks(values)
-    expected = torch.zeros(dims.layers, dims.heads)
+    expected = {"heads": torch.zeros(dims.layers, dims.heads), "ffn": torch.zeros(dims.layers, dims.ffn)}
     try:
         for batch in baselines._sample_loader(j, 8):
             for k in range(batch["input_ids"].shape[0]):
                 one = {name: t[k:k + 1] for name, t in batch.items()}
                 z = {name: torch.ones(1, *shape, requires_grad=True) for name, shape in dims.mask_shapes().items()}
                 values.set(z, torch.ones(dims.hidden))
-                (grad,) = torch.autograd.grad(j.model(**one).loss, [z["heads"]])
-                expected += grad[0].square()
+                grads = torch.autograd.grad(j.model(**one).loss, [z["heads"], z["ffn"]])
+                for group, grad in zip(("heads", "ffn"), grads):
+                    expected[group] += grad[0].square()
     finally:
         detach_masks(handles)
-    assert torch.allclose(scores["heads"], expected, rtol=1e-4, atol=1e-10) and expected.sum() > 0
+    for group in ("heads", "ffn"):
+        assert torch.allclose(scores[group], expected[group], rtol=1e-4, atol=1e-10) and expected[group].sum() > 0
 
 
 def test_fisher_rescaling_lowers_every_layer_reconstruction_error(job):
@@ -184,7 +192,7 @@ def test_fisher_rescaling_lowers_every_layer_reconstruction_error(job):
     _, log = baselines.rescale(j, kept, settings)
     assert len(log) == 2 * j.adapter.dims().layers
     for row in log:
-        assert row["error_after"] < row["error_before"], row
+        assert row["rescaled"] and row["error_after"] < row["error_before"], row
     # measured directly, not from the solver's own algebra: each reader's output error against the dense model
     scale, _ = baselines.rescale(j, kept, settings)
     batch = {k: v for k, v in next(iter(j.train.loader(64))).items() if k != "labels"}
@@ -230,3 +238,11 @@ def test_teacher_outputs_are_remembered_per_example_whatever_the_batching(job):
             assert torch.allclose(g[real], f[real], atol=1e-5) and (g[~real] == 0).all()
     assert remembered.forwards == forwards and passthrough.forwards == len(j.train.loader(7))
     assert passthrough.memory == {}
+    # a cap that holds only a few examples: it stays under the cap and still gives the teacher's outputs
+    cap = 3 * max(remembered.stored_bytes // len(remembered.memory), 1)
+    partial = TeacherOutputs(j.teacher, max_bytes=cap)
+    for batch in list(j.train.loader(5)) * 2:
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+        got, fresh = partial(batch), passthrough(batch)
+        assert torch.allclose(got.logits, fresh.logits, atol=1e-5)
+    assert 0 < partial.stored_bytes <= cap and len(partial.memory) <= 3

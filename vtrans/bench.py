@@ -48,7 +48,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {r['target']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 3))
+            error = " ".join(str(r["error"]).split()).replace("|", "/")  # one table cell
+            lines.append(f"| {r['method']} | {r['target']} | failed: {error} |" + " |" * (len(COLUMNS) - 3))
             continue
         lines.append(f"| {r['method']} | {r['target']} | {r['achieved_flops']:.4f} | {r['params'] / 1e6:.2f}M | "
                      f"{r['metric']} {r['value']:.4f} | {r['compression_seconds']:.0f} | "
@@ -84,6 +85,7 @@ def draw(rows: list[dict], out: Path, plot_method: str) -> list[Path]:
 def bench(model: str | None, data: str | None, methods: list[str], targets: list[str], out: str | Path,
           plot_method: str | None = None, overwrite: bool = False, say=print, **options) -> list[dict]:
     """Run `compress` for every method x target; write DIR/bench.json, bench.md and the PNG plots."""
+    methods, targets = list(dict.fromkeys(methods)), list(dict.fromkeys(targets))  # each run once
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise UsageError(f"--methods {','.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}")

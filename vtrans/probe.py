@@ -40,7 +40,7 @@ def batch_measures(attentions, input_ids: torch.Tensor, attention_mask: torch.Te
 
     `attentions`: one (batch, heads, seq, seq) tensor per layer, rows summing to 1 over real keys."""
     real = attention_mask.bool()  # (B, S)
-    special = torch.isin(input_ids, torch.tensor(special_ids)) & real
+    special = torch.isin(input_ids, torch.tensor(special_ids, dtype=input_ids.dtype)) & real
     plain = (~special).float()
     sums = {name: [] for name in MEASURES}
     for att in attentions:

@@ -151,7 +151,8 @@ def image(relative: str, alt: str) -> str:
 def probe_section(probe: dict) -> list[str]:
     parts = ["<h2>Attention probe</h2>",
              f"<p>{probe['samples']} examples ({probe['query_tokens']} query tokens) of {e(probe['data'])}; "
-             f"special tokens: {e(', '.join(probe['special_tokens']))}. Red crosses mark pruned heads.</p>"]
+             f"special tokens: {e(', '.join(probe['special_tokens']))}."
+             + (" Red crosses mark pruned heads." if probe.get("kept_heads") else "") + "</p>"]
     claim = probe.get("claim")
     if claim:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731

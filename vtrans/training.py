@@ -41,7 +41,8 @@ class TeacherOutputs:
     """The frozen teacher's logits and hidden states, remembered per example (keyed by its tokens) up to
     `max_bytes`. The sampled variants go over the same small sample ten times, and the teacher's forward is
     a good part of each step; with it remembered, later epochs skip it. Padding positions come back as
-    zeros: every loss here ignores them."""
+    zeros: every loss here ignores them. A batch with any example not remembered runs the teacher whole, so
+    a cap that holds only part of the data saves little: it is meant for samples that fit."""
 
     def __init__(self, teacher, max_bytes: int = 1 << 30):
         self.teacher, self.max_bytes, self.stored_bytes = teacher, max_bytes, 0
@@ -57,6 +58,9 @@ class TeacherOutputs:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> SimpleNamespace:
+        if self.max_bytes == 0:  # nothing to remember: just the teacher
+            self.forwards += 1
+            return self.teacher(**batch, output_hidden_states=True)
         keys = self._keys(batch)
         real = batch["attention_mask"].bool()
         if not all(key in self.memory for key in keys):

@@ -67,7 +67,7 @@ class FisherSettings:
     samples: int = 2048  # examples whose squared mask gradients are summed
     rescale_samples: int = 512  # examples for the per-layer least-squares rescaling
     ridge: float = 1e-6  # relative damping of the least-squares normal equations
-    max_scale: float = 10.0  # rescaled mask values are clamped to [-max_scale, max_scale], as in Kwon et al.
+    max_scale: float = 10.0  # a solution with a value outside [-max_scale, max_scale] is not used (Kwon et al.)
 
 
 def _sample_loader(job: Job, samples: int):
@@ -106,8 +106,10 @@ def fisher_scores(job: Job, settings: FisherSettings) -> dict[str, torch.Tensor]
 def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Kwon et al.'s mask tuning: layer by layer, heads then neurons, the kept units' mask values are set by
     least squares so that the layer reading them (attention output, FFN output) reproduces the dense model's
-    output, given the pruned model's own input (earlier layers already rescaled). Returns mask values for
-    `cut_model` and, per layer and group, the squared reconstruction error before and after."""
+    output, given the pruned model's own input (earlier layers already rescaled). Unlike Kwon et al., the
+    target is that layer's output alone, not output + residual stream: the drift that earlier pruned layers
+    leave in the residual is not compensated. Returns mask values for `cut_model` and, per layer and group,
+    the squared reconstruction error before and after."""
     model, adapter = job.model.eval(), job.adapter
     dims = adapter.dims()
     teacher_adapter = type(adapter)(job.teacher)
@@ -126,11 +128,13 @@ def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, t
                     job, loader, values, scale, adapter.unit_linears(i)[group][1],
                     teacher_adapter.unit_linears(i)[group][1], units, _unit_width(dims, group))
                 damping = settings.ridge * gram.diagonal().mean() * torch.eye(len(units), dtype=gram.dtype)
-                solution = torch.linalg.solve(gram + damping, rhs).clamp(-settings.max_scale, settings.max_scale)
+                solution = torch.linalg.solve(gram + damping, rhs)
                 ones = torch.ones_like(solution)
+                usable = bool(solution.abs().max() <= settings.max_scale)  # else ill-posed: keep the plain units
+                solution = solution if usable else ones
                 error = lambda m: float(target_energy - 2 * m @ rhs + m @ gram @ m)  # noqa: E731
                 log.append({"phase": "rescale", "layer": i, "group": group, "error_before": error(ones),
-                            "error_after": error(solution)})
+                            "error_after": error(solution), "rescaled": usable})
                 scale[group][i, units] = solution.float()
     finally:
         detach_masks(handles)
