@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from vtrans.arch import Kept, MaskValues, detach_masks
 from vtrans.budget import select_kept
-from vtrans.data import stratified_indices
 from vtrans.methods.base import Job, Outcome
 from vtrans.methods.search import keep_structure_of, score_log, search_kept
 from vtrans.surgery import cut_model, indicators
@@ -71,9 +70,8 @@ class FisherSettings:
 
 
 def _sample_loader(job: Job, samples: int):
-    fraction = min(1.0, samples / len(job.train))
-    indices = stratified_indices(job.train.labels, fraction, job.seed) if fraction < 1 else None
-    return job.train.loader(job.batch_size, indices=indices)
+    """Batches of a label-stratified sample of about `samples` examples (all of them if fewer)."""
+    return job.loader(min(1.0, samples / len(job.train)))
 
 
 def fisher_scores(job: Job, settings: FisherSettings) -> dict[str, torch.Tensor]:
