@@ -162,8 +162,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         budget=budget, dense_cost=dense, compressed_cost=compressed_cost, dense_metric=dense_metric,
         compressed_metric=compressed_metric, latency=latency, latency_shape=(opts.latency_batch,
                                                                             opts.latency_seq_len),
-        kept=outcome.kept, dense_kept=Kept.dense(teacher_adapter.dims()), compression_seconds=compression_seconds, teacher_cache=teacher.fine_tuned_at,
-        seed=opts.seed, tolerance=TOLERANCE)
+        kept=outcome.kept, dense_kept=Kept.dense(teacher_adapter.dims()), compression_seconds=compression_seconds,
+        teacher_cache=teacher.fine_tuned_at, seed=opts.seed, tolerance=TOLERANCE)
     save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
          overwrite=opts.overwrite)
     checkpoint.clear()
