@@ -100,7 +100,8 @@ def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budge
     dense = dense_cost(adapter, seq_len)
     target = budget.fraction(dense) * dense[budget.kind]
     floor = target * (1 - TOLERANCE)
-    kept = {name: k.clone().bool() for name, k in (keep if keep is not None else {n: s > 0 for n, s in scores.items()}).items()}
+    start = keep if keep is not None else {name: s > 0 for name, s in scores.items()}
+    kept = {name: k.clone().bool() for name, k in start.items()}
 
     def cost() -> float:
         counts = unit_counts({name: k.double() for name, k in kept.items()})

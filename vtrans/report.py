@@ -130,7 +130,8 @@ def write_html(out: str | Path) -> Path:
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-         "text-align:right}td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:0.4em 0}"
+         "text-align:right}td:first-child{text-align:left}th{background:#f3f3f3}"
+         "img{max-width:100%;border:1px solid #eee;margin:0.4em 0}"
          ".grid{display:flex;flex-wrap:wrap;gap:4px}.grid img{width:49%}")
 
 
