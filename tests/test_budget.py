@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_model
 
 from vtrans.arch import Kept, adapter_for
-from vtrans.budget import TOLERANCE, check_reachable, exact_cost, parse_target, select_kept
+from vtrans.budget import TOLERANCE, check_reachable, exact_cost, hierarchical_keep, parse_target, select_kept
 from vtrans.errors import UsageError
 from vtrans.masks import VIBMask
 
@@ -33,7 +33,7 @@ def test_selection_meets_the_budget_within_tolerance(text, seed):
     budget = parse_target(text, seq_len=16)
     g = torch.Generator().manual_seed(seed)
     scores = {n: torch.randn(shape, generator=g) for n, shape in adapter.dims().mask_shapes().items()}
-    kept = select_kept(adapter, scores, budget)
+    kept = select_kept(adapter, {n: s.sigmoid() for n, s in scores.items()}, budget, hierarchical_keep(scores))
     dense = exact_cost(adapter, Kept.dense(adapter.dims()), 16)
     achieved = exact_cost(adapter, kept, 16)[budget.kind] / dense[budget.kind]
     assert budget.value * (1 - TOLERANCE) <= achieved <= budget.value
@@ -42,8 +42,9 @@ def test_selection_meets_the_budget_within_tolerance(text, seed):
 def test_selection_keeps_the_highest_scores():
     adapter = adapter_for(tiny_model("bert"))
     shapes = adapter.dims().mask_shapes()
-    scores = {n: torch.ones(shape) for n, shape in shapes.items()}
-    scores["ffn"][0, :10] = -5.0  # the ten least useful neurons of layer 0
+    scores = {n: torch.full(shape, 1e6) for n, shape in shapes.items()}  # worth far more than they cost
+    scores["ffn"] = torch.ones(shapes["ffn"])
+    scores["ffn"][0, :10] = 0.01  # the ten least useful neurons of layer 0
     kept = select_kept(adapter, scores, parse_target("flops=0.9", seq_len=16))  # needs more than ten gone
     assert not set(range(10)) & set(kept.ffn[0])
 

@@ -10,7 +10,8 @@ import vtrans
 from vtrans.arch import MaskValues, adapter_for, detach_masks
 from vtrans.budget import parse_target
 from vtrans.data import Encoded, load_table, stratified_indices
-from vtrans.methods import METHODS, baselines, optin
+from vtrans.methods import METHODS, baselines, optin, run
+from vtrans.methods import base as methods_base
 from vtrans.methods import vtrans as vtrans_method
 from vtrans.methods.base import Job
 from vtrans.surgery import masked_values, save
@@ -59,8 +60,7 @@ def spy_cut(monkeypatch):
         surgery.cut_model(adapter, kept, scale)
         with torch.no_grad():
             seen["cut"] = adapter.model.eval()(**batch).logits
-    for module in (vtrans_method, optin, baselines):
-        monkeypatch.setattr(module, "cut_model", spy)
+    monkeypatch.setattr(methods_base, "cut_model", spy)
     seen["batch"] = batch
     return seen
 
@@ -68,7 +68,7 @@ def spy_cut(monkeypatch):
 @pytest.mark.parametrize("method", ["fast-vtrans", "faster-vtrans", "optin", "random", "magnitude", "fisher"])
 def test_each_method_meets_budget_and_reloads_with_the_masked_logits(job, spy_cut, method, tmp_path):
     j = job(method, data_fraction=0.25, prune_epochs=2.0, recover_epochs=0.0)
-    outcome = METHODS[method](j)
+    outcome = run(j)
     assert (spy_cut["cut"] - spy_cut["masked"]).abs().max() <= 1e-4
     save(outcome.model, None, tmp_path / method)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_fast_vtrans_learns_from_the_requested_fraction(job, monkeypatch):
         sizes.append((fraction, len(loader.dataset)))
         return loader
     monkeypatch.setattr(Job, "loader", recording_loader)
-    METHODS["fast-vtrans"](j)
+    run(j)
     expected = len(stratified_indices(j.train.labels, 0.1, j.seed))
     assert sizes == [(0.1, expected)] and expected == 20  # 10% of 200 rows, 10 per label
 
@@ -106,8 +106,9 @@ def test_vtrans_trains_the_weights_with_the_masks(job):
 def test_faster_vtrans_leaves_the_weights_bit_identical_until_the_fold(job):
     j = job("faster-vtrans", data_fraction=0.5)
     before = {k: v.clone() for k, v in j.model.state_dict().items()}
-    kept, mu, log = vtrans_method.prune(j, vtrans_method.VTransSettings(), j.loader(0.5), epochs=2.0,
-                                        train_weights=False)
+    choice = vtrans_method.prune(j, vtrans_method.VTransSettings(), j.loader(0.5), epochs=2.0,
+                                 train_weights=False)
+    mu, log = choice.scale, choice.log
     after = j.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len(log) >= 2 and all(p.requires_grad for p in j.model.parameters())  # nothing left frozen
@@ -130,7 +131,7 @@ def test_optin_never_calls_backward_and_ranks_a_useless_head_last(job, monkeypat
     assert int(flat.argmin()) == useless_layer * scores["heads"].shape[1] + useless_head
     assert float(flat.min()) < 1e-9 and float(flat.min()) < float(flat.sort().values[1])
     assert (scores["ffn"] >= 0).all() and scores["ffn"].std() > 0
-    METHODS["optin"](j)
+    run(j)
 
 
 def test_magnitude_ranks_a_zero_weight_head_and_neuron_last(job):
@@ -163,32 +164,33 @@ def test_magnitude_ranks_a_zero_weight_head_and_neuron_last(job):
 
 def test_fisher_scores_are_summed_squared_per_example_gradients(job):
     j = job("fisher")
-    settings = baselines.FisherSettings(samples=8)
-    scores = baselines.fisher_scores(j, settings)
+    groups = ("hidden", "heads", "ffn", "attention")  # the warm start of the VIB masks scores hidden dims too
+    scores = baselines.fisher_scores(j, baselines._sample_loader(j, 8), groups)
     # by hand: one example at a time, gradient of its loss w.r.t. a shared mask of ones
     adapter, dims = j.adapter, j.adapter.dims()
     values = MaskValues()
     handles = adapter.attach_masks(values)
-    expected = {"heads": torch.zeros(dims.layers, dims.heads), "ffn": torch.zeros(dims.layers, dims.ffn)}
+    expected = {group: torch.zeros(dims.mask_shapes()[group]) for group in groups}
     try:
         for batch in baselines._sample_loader(j, 8):
             for k in range(batch["input_ids"].shape[0]):
                 one = {name: t[k:k + 1] for name, t in batch.items()}
                 z = {name: torch.ones(1, *shape, requires_grad=True) for name, shape in dims.mask_shapes().items()}
                 values.set(z, torch.ones(dims.hidden))
-                grads = torch.autograd.grad(j.model(**one).loss, [z["heads"], z["ffn"]])
-                for group, grad in zip(("heads", "ffn"), grads):
+                grads = torch.autograd.grad(j.model(**one).loss, [z[group] for group in groups])
+                for group, grad in zip(groups, grads):
                     expected[group] += grad[0].square()
     finally:
         detach_masks(handles)
-    for group in ("heads", "ffn"):
+    for group in groups:
         assert torch.allclose(scores[group], expected[group], rtol=1e-4, atol=1e-10) and expected[group].sum() > 0
 
 
 def test_fisher_rescaling_lowers_every_layer_reconstruction_error(job):
     j = job("fisher")
     settings = baselines.FisherSettings(samples=64, rescale_samples=64)
-    kept = baselines.search_kept(j.adapter, j.budget, baselines.fisher_scores(j, settings))
+    scores = baselines.fisher_scores(j, baselines._sample_loader(j, settings.samples))
+    kept = baselines.search_kept(j.adapter, j.budget, scores)
     _, log = baselines.rescale(j, kept, settings)
     assert len(log) == 2 * j.adapter.dims().layers
     for row in log:

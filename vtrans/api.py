@@ -18,10 +18,12 @@ from vtrans.checkpoint import Checkpoint
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, Encoded, demo_path, holdout_split, load_table
 from vtrans.errors import UsageError
 from vtrans.evaluate import accuracy, latency_ms
-from vtrans.methods import KEEPS_HIDDEN, METHODS
+from vtrans.methods import METHODS, run
 from vtrans.methods.base import Job
+from vtrans.methods.vtrans import MASK_INITS, VTransSettings
 from vtrans.report import build_report
 from vtrans.surgery import check_output_dir, load, save
+from vtrans.training import DISTILL_LAYERS, DistillWeights
 from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config, load_teacher
 
 
@@ -38,9 +40,18 @@ class Options:
     teacher_epochs: float = 1.0
     teacher_lr: float = 5e-5
     prune_epochs: float | None = None  # None: the method's default (1 epoch; 10 over a sample)
+    # distillation into the cut model, the same for every method; None: as prune_epochs for vtrans and
+    # fast-vtrans, none for faster-vtrans and the one-shot methods
     recover_epochs: float | None = None
     data_fraction: float = 0.03  # fast-vtrans and faster-vtrans learn from this label-stratified share
-    recover_steps: int = 0  # faster-vtrans: distillation steps after the cut
+    # mask training (vtrans, fast-vtrans, faster-vtrans); see methods/vtrans.py
+    mask_init: str = "fisher"  # log_alpha spread by Fisher information per cost, or "uniform"
+    mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1]
+    ramp: float = 0.5  # share of the mask search over which the target falls from 1 to the budget
+    settle: float | None = None  # share of pruning with the kept set fixed; None: 0.25 if weights frozen, else 0
+    kl_weight: float = 1e-6  # per unit, on the VIB KL summed over units
+    mask_temperature: float = 1.0  # of the keep probability sigmoid(log_alpha / T) in the expected cost
+    distill_layers: str = "all"  # hidden states distilled: all, last, none
     latency_batch: int = 32
     latency_seq_len: int = 64
     resume: bool = False  # continue an interrupted run from its checkpoint
@@ -64,12 +75,28 @@ def validate_options(opts: Options) -> None:
         ("--prune-epochs", opts.prune_epochs, opts.prune_epochs is None or opts.prune_epochs > 0, "greater than 0"),
         ("--recover-epochs", opts.recover_epochs, opts.recover_epochs is None or opts.recover_epochs >= 0,
          "0 or more"),
-        ("--recover-steps", opts.recover_steps, opts.recover_steps >= 0, "0 or more"),
+        ("--mask-init", opts.mask_init, opts.mask_init in MASK_INITS, f"one of {', '.join(MASK_INITS)}"),
+        ("--mask-lr", opts.mask_lr, opts.mask_lr is None or opts.mask_lr > 0, "greater than 0"),
+        ("--ramp", opts.ramp, 0 < opts.ramp <= 1, "in (0, 1]"),
+        ("--settle", opts.settle, opts.settle is None or 0 <= opts.settle < 1, "in [0, 1)"),
+        ("--kl-weight", opts.kl_weight, opts.kl_weight >= 0, "0 or more"),
+        ("--mask-temperature", opts.mask_temperature, opts.mask_temperature > 0, "greater than 0"),
+        ("--distill-layers", opts.distill_layers, opts.distill_layers in DISTILL_LAYERS,
+         f"one of {', '.join(DISTILL_LAYERS)}"),
         ("--checkpoint-every", opts.checkpoint_every, opts.checkpoint_every >= 0, "0 or more"),
     ]
     for flag, value, ok, wanted in checks:
         if not ok:
             raise UsageError(f"{flag} {value} must be {wanted}")
+
+
+MASK_OPTIONS = ("mask_init", "mask_lr", "ramp", "settle", "kl_weight", "mask_temperature", "distill_layers")
+
+
+def mask_settings(opts: Options) -> VTransSettings:
+    return VTransSettings(mask_init=opts.mask_init, mask_lr=opts.mask_lr, ramp=opts.ramp, settle=opts.settle,
+                          kl_weight=opts.kl_weight, temperature=opts.mask_temperature,
+                          distill=DistillWeights(layers=opts.distill_layers))
 
 
 def seed_everything(seed: int) -> None:
@@ -97,10 +124,10 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     budget = parse_target(target, opts.max_length)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
-    run = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
+    identity = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
         name: getattr(opts, name) for name in ("eval_data", "max_length", "batch_size", "seed", "holdout",
-                                               "prune_epochs", "recover_epochs", "data_fraction", "recover_steps")}
-    checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", opts.checkpoint_every, run)
+                                               "prune_epochs", "recover_epochs", "data_fraction", *MASK_OPTIONS)}
+    checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", opts.checkpoint_every, identity)
     if checkpoint.exists() and not (opts.resume or opts.overwrite):
         raise UsageError(f"an interrupted run left a checkpoint in {checkpoint.directory}: pass --resume to "
                          "continue it, or --overwrite to start again")
@@ -121,7 +148,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
                          "use at most that")
     with init_empty_weights():  # shapes only: is the budget reachable at all?
         check_reachable(adapter_for(AutoModelForSequenceClassification.from_config(config)), budget,
-                        keep_hidden=method in KEEPS_HIDDEN)
+                        keep_hidden=not METHODS[method].prunes_hidden)
     train = load_table(data)
     if opts.eval_data:
         evaluation = load_table(opts.eval_data, split="validation")
@@ -146,10 +173,10 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     job = Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher.model,
               budget=budget, train=encode(train), batch_size=opts.batch_size, seed=opts.seed,
               prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs,
-              data_fraction=opts.data_fraction, recover_steps=opts.recover_steps, checkpoint=checkpoint,
-              resume=opts.resume)
+              data_fraction=opts.data_fraction, checkpoint=checkpoint, resume=opts.resume,
+              vtrans=mask_settings(opts))
     started = time.perf_counter()
-    outcome = METHODS[method](job)
+    outcome = run(job)
     compression_seconds = time.perf_counter() - started  # the method's wall time, teacher excluded
 
     compressed = outcome.model.eval()

@@ -1,7 +1,8 @@
 """`vtrans bench`: every method at every target on the same model, split, seed and machine, side by side.
 
 Each run is an ordinary `compress` into DIR/models/METHOD-TARGET (so every model can be loaded and
-probed). After each run DIR/bench.json and DIR/bench.md are rewritten, so an interrupted bench keeps what
+probed). `METHOD+recover` runs METHOD followed by the recovery VTrans gets by default (`--recover-epochs`, or
+as many epochs as `--prune-epochs`, 1 by default): one-shot choices then compare with VTrans like for like. After each run DIR/bench.json and DIR/bench.md are rewritten, so an interrupted bench keeps what
 finished; the plots are drawn at the end. A method that fails is a failed row; the others still run.
 """
 from __future__ import annotations
@@ -22,6 +23,17 @@ from vtrans.surgery import check_output_dir
 
 COLUMNS = ("method", "target", "FLOPs kept", "params", "metric", "compression s", "latency ms (dense -> ours)",
            "speedup")
+
+
+RECOVER = "+recover"
+
+
+def method_options(name: str, options: dict) -> tuple[str, dict]:
+    """The method a bench row runs, and its options: `METHOD+recover` gets VTrans's default recovery."""
+    if not name.endswith(RECOVER):
+        return name, options
+    epochs = options.get("recover_epochs") or options.get("prune_epochs") or 1.0
+    return name.removesuffix(RECOVER), options | {"recover_epochs": epochs}
 
 
 def run_name(method: str, target: str) -> str:
@@ -86,9 +98,10 @@ def bench(model: str | None, data: str | None, methods: list[str], targets: list
           plot_method: str | None = None, overwrite: bool = False, say=print, **options) -> list[dict]:
     """Run `compress` for every method x target; write DIR/bench.json, bench.md and the PNG plots."""
     methods, targets = list(dict.fromkeys(methods)), list(dict.fromkeys(targets))  # each run once
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.removesuffix(RECOVER) not in METHODS]
     if unknown or not methods:
-        raise UsageError(f"--methods {','.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}")
+        raise UsageError(f"--methods {','.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}, each "
+                         f"optionally with {RECOVER} (e.g. fisher{RECOVER})")
     if not targets:
         raise UsageError("--targets: give at least one, e.g. flops=0.6,flops=0.4")
     for target in targets:
@@ -104,8 +117,9 @@ def bench(model: str | None, data: str | None, methods: list[str], targets: list
     for method, target in tqdm(runs, desc="bench", unit="run", dynamic_ncols=True):
         say(f"vtrans bench: {method} at {target}")
         try:
-            result = compress(model, data, target=target, method=method, out=out / "models" / run_name(method, target),
-                              overwrite=True, say=say, **options)
+            base, run_options = method_options(method, options)
+            result = compress(model, data, target=target, method=base, out=out / "models" / run_name(method, target),
+                              overwrite=True, say=say, **run_options)
             rows.append(row_of(method, target, result))
         except UsageError as e:  # bad input for this method (e.g. a budget below its floor): a failed row
             rows.append(row_of(method, target, error=str(e)))

@@ -87,68 +87,165 @@ def kept_from_keep(keep: dict[str, torch.Tensor]) -> Kept:
                 attention=keep["attention"].tolist(), ffn_block=keep["ffn_block"].tolist())
 
 
-def select_kept(adapter: Adapter, scores: dict[str, torch.Tensor], budget: Budget,
-                keep: dict[str, torch.Tensor] | None = None) -> Kept:
-    """The kept set closest to `keep` (default: score > 0) that meets the budget.
+# Which group each block mask gates: a block's worth is its own worth times its kept contents'.
+BLOCK_CONTENTS = {"attention": "heads", "ffn_block": "ffn"}
 
-    Units are dropped lowest score first while over budget, then added back highest score first while
-    more than TOLERANCE under it, skipping any unit that would break the budget. If only coarse units are
-    left to add (a hidden dim costs a share of every layer), the best of them goes back in and FFN neurons,
-    the finest units, make room for it.
+
+def hierarchical_keep(scores: dict[str, torch.Tensor], threshold: float = 0.0) -> dict[str, torch.Tensor]:
+    """The units scoring above `threshold`, where a block scoring below it still stays if most of its
+    contents score above it: a block goes only when it is worth less than what it holds."""
+    keep = {name: s > threshold for name, s in scores.items()}
+    for block, contents in BLOCK_CONTENTS.items():
+        mostly_kept = keep[contents].float().mean(-1) > 0.5
+        keep[block] = keep[block] | mostly_kept
+    return keep
+
+
+def keep_changes(before: dict[str, torch.Tensor], after: Kept, dims) -> dict[str, dict[str, int]]:
+    """Units per group that `after` adds to or removes from the kept set `before` (the budget fix-up)."""
+    from vtrans.surgery import indicators  # surgery imports this module
+
+    final = indicators(after, dims)
+    added, removed = {}, {}
+    for name, start in before.items():
+        start, end = start.bool(), final[name].bool()
+        if name in BLOCK_CONTENTS.values():  # units inside a dropped block are not kept
+            block = next(b for b, c in BLOCK_CONTENTS.items() if c == name)
+            start = start & before[block].bool().unsqueeze(-1)
+        added[name] = int((end & ~start).sum())
+        removed[name] = int((start & ~end).sum())
+    return {"added": added, "removed": removed}
+
+
+class Selection:
+    """A kept set under edit: its exact cost, and what each unit is worth per unit of cost."""
+
+    def __init__(self, adapter: Adapter, worth: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
+                 budget: Budget):
+        self.adapter, self.worth, self.budget = adapter, worth, budget
+        self.kept = {name: k.clone().bool() for name, k in keep.items()}
+
+    def cost(self) -> float:
+        counts = unit_counts({name: k.double() for name, k in self.kept.items()})
+        return float(self.adapter.cost(counts, self.budget.seq_len)[self.budget.kind])
+
+    def price(self, name: str, index: tuple, current: float) -> float:
+        """What keeping the unit costs, given everything else: the cost change when it is toggled."""
+        self.kept[name][index] = ~self.kept[name][index]
+        toggled = self.cost()
+        self.kept[name][index] = ~self.kept[name][index]
+        return abs(current - toggled)
+
+    def block_worth(self, block: str, layer: int) -> float:
+        """A block is worth its own worth times that of the units it holds."""
+        own = float(self.worth[block][layer])
+        held = self.worth[BLOCK_CONTENTS[block]][layer][self.kept[BLOCK_CONTENTS[block]][layer]]
+        return own if own == math.inf else own * float(held.sum())
+
+    def candidates(self, dropping: bool) -> list[tuple[float, float, str, tuple]]:
+        """(worth per cost, cost, group, index) of every unit that can be dropped (the kept ones) or added
+        (the others), least worth per cost first. Units of one group and layer cost the same, so one toggle
+        prices them all. Units inside a dropped block are no candidates: the block is, with what it held."""
+        current = self.cost()
+        rows = []
+        for name, worth in self.worth.items():
+            kept = self.kept[name]
+            if name in BLOCK_CONTENTS:
+                for layer in (kept == dropping).nonzero().flatten().tolist():
+                    price = self.price(name, (layer,), current)
+                    rows.append((self.block_worth(name, layer), price, name, (layer,)))
+                continue
+            block = CONTAINER.get(name)
+            for layer in range(kept.shape[0]) if kept.dim() == 2 else [None]:
+                if block is not None and not self.kept[block][layer]:
+                    continue
+                prefix = () if layer is None else (layer,)
+                units = ((kept[prefix] if prefix else kept) == dropping).nonzero().flatten().tolist()
+                if not units:
+                    continue
+                price = self.price(name, prefix + (units[0],), current)
+                rows += [(float(worth[prefix + (u,)]), price, name, prefix + (u,)) for u in units]
+        rows = [(_per_cost(value, price), price, name, index) for value, price, name, index in rows if price > 0]
+        return sorted(rows, key=lambda row: row[0])
+
+
+CONTAINER = {contents: block for block, contents in BLOCK_CONTENTS.items()}
+
+
+def _per_cost(value: float, price: float) -> float:
+    return value if value == math.inf else value / price
+
+
+def select_kept(adapter: Adapter, worth: dict[str, torch.Tensor], budget: Budget,
+                keep: dict[str, torch.Tensor] | None = None) -> Kept:
+    """The kept set closest to `keep` (default: everything) that meets the budget.
+
+    `worth` (>= 0 per unit, shaped like the masks; inf: never drop) is what a unit is worth, and each unit
+    is judged by its worth per cost in the current kept set. A block is worth its own worth times the
+    total worth of what it holds, so it goes only when it is worth less than its contents. While over
+    budget, the least worth per cost goes first (prices refreshed as they change); while more than
+    TOLERANCE under, the most worth per cost comes back first, skipping whatever would break the budget.
+    If only coarse units are left to add (a hidden dim costs a share of every layer), the best of them
+    comes back and the least worthy FFN neurons, the finest units, make room for it.
     """
-    seq_len = budget.seq_len
-    dense = dense_cost(adapter, seq_len)
+    dense = dense_cost(adapter, budget.seq_len)
     target = budget.fraction(dense) * dense[budget.kind]
     floor = target * (1 - TOLERANCE)
-    start = keep if keep is not None else {name: s > 0 for name, s in scores.items()}
-    kept = {name: k.clone().bool() for name, k in start.items()}
+    start = keep if keep is not None else {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
+    selection = Selection(adapter, worth, start, budget)
+    kept = selection.kept
 
-    def cost() -> float:
-        counts = unit_counts({name: k.double() for name, k in kept.items()})
-        return float(adapter.cost(counts, seq_len)[budget.kind])
-
-    def drop(units, until: float) -> float:
-        current = cost()
-        for _, name, idx in units:
-            if current <= until:
+    def drop(groups=None) -> float:
+        """Drop the least worth per cost while over budget, half the excess at a time between repricings."""
+        current = selection.cost()
+        while current > target:
+            rows = [r for r in selection.candidates(dropping=True)
+                    if r[0] < math.inf and (groups is None or r[2] in groups)]
+            removed = 0.0
+            for _, price, name, index in rows:
+                if name == "hidden" and int(kept["hidden"].sum()) == 1:
+                    continue
+                kept[name][index] = False
+                removed += price
+                if name in BLOCK_CONTENTS or removed >= 0.5 * (current - target):
+                    break  # a block went, or prices may have moved: reprice
+            if removed == 0:
                 break
-            if kept[name][idx] and not (name == "hidden" and int(kept["hidden"].sum()) == 1):
-                kept[name][idx] = False
-                current = cost()
+            current = selection.cost()
         return current
 
-    def fill(units) -> float:
-        current = cost()
-        for _, name, idx in units:
-            if current >= floor:
+    def fill() -> float:
+        """Add the most worth per cost while more than TOLERANCE under budget and it fits."""
+        current = selection.cost()
+        while current < floor:
+            added = False
+            for _, price, name, index in reversed(selection.candidates(dropping=False)):
+                if current + price > target:
+                    continue
+                kept[name][index] = True
+                trial = selection.cost()
+                if trial > target:
+                    kept[name][index] = False
+                    continue
+                current, added = trial, True
+                if current >= floor or name in BLOCK_CONTENTS:
+                    break  # done, or a block came back with its contents: reprice
+            if not added:
                 break
-            if not kept[name][idx]:
-                kept[name][idx] = True
-                trial = cost()
-                if trial <= target:
-                    current = trial
-                else:
-                    kept[name][idx] = False
         return current
 
-    units = sorted(((float(s), name, idx) for name, tensor in scores.items()
-                    for idx, s in zip(_indices(tensor), tensor.flatten().tolist())), key=lambda u: u[0])
-    drop(units, target)
-    current = fill(units[::-1])
+    drop()
+    current = fill()
     for _ in range(8):
         if current >= floor:
             break
-        coarse = next(((n, i) for _, n, i in reversed(units) if n != "ffn" and not kept[n][i]), None)
-        if coarse is None:
+        coarse = [r for r in selection.candidates(dropping=False) if r[2] != "ffn"]
+        if not coarse:
             break
-        kept[coarse[0]][coarse[1]] = True
-        if drop([u for u in units if u[1] == "ffn"], target) > target:
-            kept[coarse[0]][coarse[1]] = False  # not enough neurons to make room: give up on it
+        _, _, name, index = coarse[-1]
+        kept[name][index] = True
+        if drop(groups={"ffn"}) > target:
+            kept[name][index] = False  # not enough neurons to make room: give up on it
             break
-        current = fill(units[::-1])
+        current = fill()
     return kept_from_keep(kept)
-
-
-def _indices(tensor: torch.Tensor) -> list[tuple[int, ...]]:
-    return [tuple(i) for i in torch.cartesian_prod(*[torch.arange(n) for n in tensor.shape]).reshape(
-        tensor.numel(), tensor.dim()).tolist()]

@@ -7,6 +7,8 @@ import sys
 from vtrans.api import Options, compress
 from vtrans.errors import UsageError
 from vtrans.methods import METHODS
+from vtrans.methods.vtrans import MASK_INITS
+from vtrans.training import DISTILL_LAYERS
 
 DEFAULTS = Options()
 
@@ -31,15 +33,32 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-epochs", type=float, default=DEFAULTS.prune_epochs,
                         help="epochs of mask training (default: 1; 10 over the sample for fast/faster-vtrans)")
     parser.add_argument("--recover-epochs", type=float, default=DEFAULTS.recover_epochs,
-                        help="epochs of distillation into the cut model (default: as --prune-epochs)")
+                        help="epochs of distillation into the cut model, any method (default: as --prune-epochs "
+                             "for vtrans and fast-vtrans; 0 for faster-vtrans and the one-shot methods)")
     parser.add_argument("--data-fraction", type=float, default=DEFAULTS.data_fraction,
                         help="share of the data fast-vtrans and faster-vtrans learn from (default: 0.03)")
-    parser.add_argument("--recover-steps", type=int, default=DEFAULTS.recover_steps,
-                        help="faster-vtrans: distillation steps after the cut (default: 0)")
+    masks = parser.add_argument_group("mask training (vtrans, fast-vtrans, faster-vtrans)")
+    masks.add_argument("--mask-init", default=DEFAULTS.mask_init, choices=MASK_INITS,
+                       help="fisher: start each unit's log_alpha by its Fisher information per cost (a one-shot "
+                            "choice, refined by training); uniform: all equal (default: fisher)")
+    masks.add_argument("--mask-lr", type=float, default=DEFAULTS.mask_lr,
+                       help="Adam learning rate of the masks (default: 4 / ramp steps, within [0.01, 0.1])")
+    masks.add_argument("--ramp", type=float, default=DEFAULTS.ramp,
+                       help="share of the mask search over which the target falls to the budget (default: 0.5)")
+    masks.add_argument("--settle", type=float, default=DEFAULTS.settle,
+                       help="share of pruning with the kept set fixed and deterministic masks (default: 0.25 "
+                            "when the weights are frozen, else 0)")
+    masks.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight,
+                       help="weight per unit of the VIB KL (default: 1e-6)")
+    masks.add_argument("--mask-temperature", type=float, default=DEFAULTS.mask_temperature,
+                       help="T of the keep probability sigmoid(log_alpha / T) in the expected cost (default: 1)")
+    masks.add_argument("--distill-layers", default=DEFAULTS.distill_layers, choices=DISTILL_LAYERS,
+                       help="hidden states distilled from the teacher (default: all)")
 
 
 RUN_OPTIONS = ("eval_data", "max_length", "batch_size", "seed", "holdout", "teacher_epochs", "prune_epochs",
-               "recover_epochs", "data_fraction", "recover_steps")
+               "recover_epochs", "data_fraction", "mask_init", "mask_lr", "ramp", "settle", "kl_weight",
+               "mask_temperature", "distill_layers")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,10 +14,12 @@ from vtrans.arch.base import unit_counts
 
 
 class VIBMask(nn.Module):
-    def __init__(self, shape: tuple[int, ...], mu_init: float = 1.0, log_sigma2_init: float = -6.0):
+    def __init__(self, shape: tuple[int, ...], log_alpha_init: float | torch.Tensor = 6.0):
+        """mu starts at 1 (the dense model) and sigma^2 at exp(-log_alpha_init): a unit starting at a higher
+        log_alpha needs longer to be pruned (warm starts spread units by a one-shot score)."""
         super().__init__()
-        self.mu = nn.Parameter(torch.full(shape, mu_init))
-        self.log_sigma2 = nn.Parameter(torch.full(shape, log_sigma2_init))
+        self.mu = nn.Parameter(torch.ones(shape))
+        self.log_sigma2 = nn.Parameter(-torch.as_tensor(log_alpha_init, dtype=torch.float).expand(shape).clone())
 
     def log_alpha(self) -> torch.Tensor:
         return torch.log(self.mu.square() + 1e-12) - self.log_sigma2
@@ -41,9 +43,10 @@ class VIBMask(nn.Module):
 class VIBMasks(nn.Module):
     """One VIBMask per mask group (see vtrans.arch.base.MASK_GROUPS)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], **init):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], log_alpha_init: dict | float = 6.0):
         super().__init__()
-        self.groups = nn.ModuleDict({name: VIBMask(shape, **init) for name, shape in shapes.items()})
+        init = log_alpha_init if isinstance(log_alpha_init, dict) else {name: log_alpha_init for name in shapes}
+        self.groups = nn.ModuleDict({name: VIBMask(shape, init[name]) for name, shape in shapes.items()})
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         return {name: m.sample(batch_size) for name, m in self.groups.items()}
@@ -52,10 +55,11 @@ class VIBMasks(nn.Module):
         return self.groups["hidden"].keep().float()
 
     def kl(self) -> torch.Tensor:
+        """Summed over units: the prior's weight per unit does not shrink as models grow."""
         return sum(m.kl() for m in self.groups.values())
 
-    def num_units(self) -> int:
-        return sum(m.mu.numel() for m in self.groups.values())
+    def keep(self) -> dict[str, torch.Tensor]:
+        return {name: m.keep() for name, m in self.groups.items()}
 
     def expected_sizes(self, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Expected kept counts per group, in the form Adapter.cost takes."""

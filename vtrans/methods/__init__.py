@@ -1,13 +1,19 @@
-"""Compression methods by name. Each is `run(job) -> Outcome` (see methods/base.py)."""
+"""Compression methods by name: how each chooses its kept set (see methods/base.py for the shared path)."""
 from vtrans.methods import baselines, optin, vtrans
+from vtrans.methods.base import Job, Method, Outcome
+from vtrans.methods.base import run as _run
 
 METHODS = {
-    "vtrans": vtrans.run,
-    "fast-vtrans": vtrans.run_fast,
-    "faster-vtrans": vtrans.run_faster,
-    "optin": optin.run,
-    "random": baselines.run_random,
-    "magnitude": baselines.run_magnitude,
-    "fisher": baselines.run_fisher,
+    "vtrans": Method(vtrans.choose_trained, trains=True),
+    "fast-vtrans": Method(vtrans.choose_trained, sampled=True, trains=True),
+    "faster-vtrans": Method(vtrans.choose_frozen, sampled=True),
+    "optin": Method(optin.choose, prunes_hidden=False),
+    "random": Method(baselines.choose_random, prunes_hidden=False),
+    "magnitude": Method(baselines.choose_magnitude, prunes_hidden=False),
+    "fisher": Method(baselines.choose_fisher, prunes_hidden=False),
 }
-KEEPS_HIDDEN = {"optin", "random", "magnitude", "fisher"}  # methods that prune heads and neurons only
+
+
+def run(job: Job) -> Outcome:
+    """Compress `job.model` with `job.method`: choose, cut, recover (if asked or the method trains)."""
+    return _run(job, METHODS[job.method])

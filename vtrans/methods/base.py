@@ -1,14 +1,29 @@
-"""What a method receives and returns. Every method turns a Job into an Outcome: a cut, smaller model."""
+"""What a method receives and returns, and the one path every method takes: choose, cut, recover.
+
+A method chooses a kept set (and, optionally, mask values to fold into the kept units); `run` then cuts the
+model down to it and, if asked, distils the dense teacher into the cut model, with the same recovery for
+every method, so one-shot choices and VTrans compare like for like.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
+import torch
 from torch import nn
 
 from vtrans.arch import Adapter, Kept
 from vtrans.budget import Budget
 from vtrans.checkpoint import Checkpoint
 from vtrans.data import Encoded, stratified_indices
+from vtrans.surgery import cut_model
+from vtrans.training import TeacherOutputs, distill, steps_for
+
+if TYPE_CHECKING:
+    from vtrans.methods.vtrans import VTransSettings
+
+SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast and faster variants): a sample is small
+SAMPLE_TEACHER_BYTES = 1 << 30  # teacher outputs remembered for a sample (343 MiniLM examples: ~0.1 GB)
 
 
 @dataclass
@@ -22,11 +37,11 @@ class Job:
     batch_size: int = 32
     seed: int = 0
     prune_epochs: float | None = None  # None: the method's default
-    recover_epochs: float | None = None
+    recover_epochs: float | None = None  # None: the method's default
     data_fraction: float = 0.03  # for the methods that learn from a sample of the data
-    recover_steps: int = 0  # for faster-vtrans: optional distillation after the cut
     checkpoint: Checkpoint | None = None  # where training state is saved every N steps
     resume: bool = False  # continue from the checkpoint
+    vtrans: VTransSettings | None = None  # mask training settings (None: the defaults)
 
     def loader(self, fraction: float = 1.0):
         """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it."""
@@ -35,7 +50,64 @@ class Job:
 
 
 @dataclass
+class Choice:
+    kept: Kept
+    scale: dict[str, torch.Tensor] | None = None  # mask values folded into the kept units at the cut
+    log: list = field(default_factory=list)
+
+
+@dataclass
 class Outcome:
     model: nn.Module  # cut to `kept`
     kept: Kept
     log: list = field(default_factory=list)  # training curves, rows of {phase, step, ...}
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method chooses, and what it learns from.
+
+    `choose(job, loader, teacher, state, epochs)` returns a Choice; `state` is a checkpoint to resume from
+    (or None), `epochs` how long to prune (methods that do not train ignore it).
+    A `sampled` method learns (and recovers) on a label-stratified `data_fraction` of the data; a `trains`
+    method recovers after the cut by default (as many epochs as it pruned), the others only when asked.
+    """
+
+    choose: Callable[..., Choice]
+    sampled: bool = False
+    trains: bool = False
+    prunes_hidden: bool = True
+
+    def prune_epochs(self, job: Job) -> float:
+        default = SAMPLE_EPOCHS if self.sampled else 1.0
+        return default if job.prune_epochs is None else job.prune_epochs
+
+    def recover_epochs(self, job: Job) -> float:
+        if job.recover_epochs is not None:
+            return job.recover_epochs
+        return self.prune_epochs(job) if self.trains else 0.0
+
+
+def run(job: Job, method: Method) -> Outcome:
+    """Choose, cut, recover. A run killed while recovering resumes from its cut model and recovery state."""
+    loader = job.loader(job.data_fraction if method.sampled else 1.0)
+    # a sample is seen many times: remember the teacher's outputs (the full data is seen once or twice)
+    teacher = TeacherOutputs(job.teacher, max_bytes=SAMPLE_TEACHER_BYTES if method.sampled else 0)
+    state = job.checkpoint.load() if job.checkpoint is not None and job.resume else None
+    if state is not None and state["phase"] == "recover":
+        kept, log = Kept(**state["kept"]), state["log"]
+        job.adapter.cut(kept)  # the weights, already folded, come from the checkpoint
+    else:
+        choice = method.choose(job, loader, teacher, state, method.prune_epochs(job))
+        kept, log, state = choice.kept, choice.log, None
+        cut_model(job.adapter, kept, choice.scale)
+    settings = job.vtrans
+    if settings is None:
+        from vtrans.methods.vtrans import VTransSettings
+
+        settings = VTransSettings()
+    distill(job.model, teacher, loader, steps_for(method.recover_epochs(job), loader), settings.recover_lr,
+            settings.distill, hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
+            desc=f"{job.method}: recovering", log=log, checkpoint=job.checkpoint, state=state,
+            extra={"kept": vars(kept)})
+    return Outcome(model=job.model, kept=kept, log=log)

@@ -12,22 +12,20 @@ from tqdm.auto import tqdm
 
 from vtrans.arch import Kept, MaskValues, detach_masks
 from vtrans.budget import select_kept
-from vtrans.methods.base import Job, Outcome
+from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import keep_structure_of, score_log, search_kept
-from vtrans.surgery import cut_model, indicators
+from vtrans.surgery import indicators
 
 GROUPS = ("heads", "ffn")
 
 
-def run_random(job: Job) -> Outcome:
+def choose_random(job: Job, *_) -> Choice:
     """Uniformly random heads and FFN neurons (seeded) filling the budget."""
     generator = torch.Generator().manual_seed(job.seed)
     dims = job.adapter.dims()
     scores = {"heads": torch.rand(dims.layers, dims.heads, generator=generator),
               "ffn": torch.rand(dims.layers, dims.ffn, generator=generator)}
-    kept = select_kept(job.adapter, keep_structure_of(scores, dims), job.budget)
-    cut_model(job.adapter, kept)
-    return Outcome(model=job.model, kept=kept)
+    return Choice(kept=select_kept(job.adapter, keep_structure_of(scores, dims), job.budget))
 
 
 def _unit_width(dims, group: str) -> int:
@@ -54,11 +52,9 @@ def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
     return scores
 
 
-def run_magnitude(job: Job) -> Outcome:
+def choose_magnitude(job: Job, *_) -> Choice:
     scores = magnitude_scores(job.adapter)
-    kept = search_kept(job.adapter, job.budget, scores)
-    cut_model(job.adapter, kept)
-    return Outcome(model=job.model, kept=kept, log=score_log(scores))
+    return Choice(kept=search_kept(job.adapter, job.budget, scores), log=score_log(scores))
 
 
 @dataclass
@@ -74,29 +70,37 @@ def _sample_loader(job: Job, samples: int):
     return job.loader(min(1.0, samples / len(job.train)))
 
 
-def fisher_scores(job: Job, settings: FisherSettings) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher information of every head and neuron mask variable: squared per-example gradients of
-    the task loss with respect to a mask value of 1, summed. Each example has its own row of mask variables
-    (the masks' batch axis), so one backward pass gives every example's gradient."""
-    model, adapter = job.model.eval(), job.adapter
+def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher information of the mask variables of `groups` over the loader's first `limit`
+    examples: squared per-example gradients of the task loss with respect to a mask value of 1, summed.
+    Each example has its own row of mask variables (the masks' batch axis), so one backward pass gives
+    every example's gradient."""
+    model, adapter = job.model, job.adapter
+    was_training = model.training
+    model.eval()
     dims = adapter.dims()
-    fisher = {group: torch.zeros(dims.mask_shapes()[group]) for group in GROUPS}
+    fisher = {group: torch.zeros(dims.mask_shapes()[group]) for group in groups}
     values = MaskValues()
     handles = adapter.attach_masks(values)
+    seen = 0
     try:
-        for batch in tqdm(_sample_loader(job, settings.samples), desc=f"{job.method}: Fisher information",
-                          dynamic_ncols=True):
+        for batch in tqdm(loader, desc=f"{job.method}: Fisher information", dynamic_ncols=True):
+            if limit is not None and seen >= limit:
+                break
             b = batch["input_ids"].shape[0]
-            z = {name: torch.ones(b, *shape, requires_grad=name in GROUPS)
+            seen += b
+            z = {name: torch.ones(b, *shape, requires_grad=name in groups)
                  for name, shape in dims.mask_shapes().items()}
             values.set(z, torch.ones(dims.hidden))
             loss = model(**batch).loss * b  # the model's own task loss, summed over the batch
-            grads = torch.autograd.grad(loss, [z[group] for group in GROUPS])
-            for group, grad in zip(GROUPS, grads):
+            grads = torch.autograd.grad(loss, [z[group] for group in groups])
+            for group, grad in zip(groups, grads):
                 fisher[group] += grad.square().sum(0)
     finally:
         detach_masks(handles)
         values.set(None)
+        model.train(was_training)
     return fisher
 
 
@@ -174,10 +178,9 @@ def _normal_equations(job, loader, values, scale, reader, teacher_reader, units,
     return gram, rhs.view(n, width).sum(1), energy
 
 
-def run_fisher(job: Job, settings: FisherSettings | None = None) -> Outcome:
+def choose_fisher(job: Job, *_, settings: FisherSettings | None = None) -> Choice:
     settings = settings or FisherSettings()
-    scores = fisher_scores(job, settings)
+    scores = fisher_scores(job, _sample_loader(job, settings.samples))
     kept = search_kept(job.adapter, job.budget, scores)
     scale, log = rescale(job, kept, settings)
-    cut_model(job.adapter, kept, scale)
-    return Outcome(model=job.model, kept=kept, log=score_log(scores) + log)
+    return Choice(kept=kept, scale=scale, log=score_log(scores) + log)

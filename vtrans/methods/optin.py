@@ -18,9 +18,8 @@ from tqdm.auto import tqdm
 
 from vtrans.arch import MaskValues, detach_masks
 from vtrans.data import stratified_indices
-from vtrans.methods.base import Job, Outcome
+from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
-from vtrans.surgery import cut_model
 
 
 @dataclass
@@ -107,8 +106,6 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     return scores
 
 
-def run(job: Job, settings: OptinSettings | None = None) -> Outcome:
+def choose(job: Job, *_, settings: OptinSettings | None = None) -> Choice:
     scores = trajectory_scores(job, settings or OptinSettings())
-    kept = search_kept(job.adapter, job.budget, scores)
-    cut_model(job.adapter, kept)
-    return Outcome(model=job.model, kept=kept, log=score_log(scores))
+    return Choice(kept=search_kept(job.adapter, job.budget, scores), log=score_log(scores))

@@ -1,15 +1,29 @@
-"""VTrans: VIB masks on every structure, trained with the weights, the task loss, distillation from the dense
-teacher and a Lagrangian that drives the expected cost to the budget; then the kept set is fixed to meet the
-budget exactly, mu is folded into the weights, the model is cut, and a short distillation recovers accuracy.
+"""VTrans: VIB masks on every structure, trained with the task loss, distillation from the dense teacher and a
+Lagrangian that drives the expected cost to the budget; iterative: the weights train with the masks.
 
 Fast-VTrans is the same on a label-stratified sample of the data (`data_fraction`, 3% by default).
-Faster-VTrans freezes the weights on that sample: only the masks and lambdas train; no recovery unless asked.
+Faster-VTrans freezes the weights on that sample: only the masks and lambdas train.
 
-Loss while pruning:
-    task + distillation + kl_weight * mean_KL + lambda1 * (s - t) + lambda2 * (s - t)^2
-where s is the expected cost (a fraction of the dense cost, from the masks' keep probabilities) and t the
-target, ramped from 1 down to the budget over the first `ramp` part of pruning (iterative pruning); the
-lambdas follow gradient ascent.
+Pruning runs in two phases over its steps:
+
+  search   masks z = mu + eps * sigma; loss = task + distillation + kl_weight * sum_KL
+           + lambda1 * (s - t) + lambda2 * (s - t)^2, where s is the expected cost (a fraction of the dense
+           cost, from the keep probabilities sigmoid(log_alpha / T)) and t the target, ramped from 1 to the
+           budget over the first `ramp` share of the search, then held; the lambdas follow plain gradient
+           ascent, so they move in proportion to the gap and stop where s meets t.
+  settle   (the last `settle` share of the steps) the kept set is fixed: z = mu on kept units, 0 elsewhere,
+           deterministic, so what trains is exactly what is kept; mu (and the weights, if trained) go on
+           learning. With frozen weights this is where the kept units' scales adapt to their lost neighbours.
+
+The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), blocks kept
+while most of their contents are (budget.hierarchical_keep), then brought within the budget judging units
+by keep probability per cost (budget.select_kept); the log records how many units that fix-up moved.
+
+Warm start (`mask_init="fisher"`): Adam moves every log_alpha by about the same step, so units started
+equal cross the threshold together and the expected cost collapses. Instead each unit starts at a
+log_alpha spread by its Fisher information per cost (squared per-example gradients of its mask, as the
+fisher baseline computes them): the units a one-shot Fisher choice at the budget would drop start low, in
+their order, the rest high; training then reorders them. Blocks start high: only training drops a block.
 """
 from __future__ import annotations
 
@@ -18,31 +32,43 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vtrans.arch import Kept, MaskValues, detach_masks
-from vtrans.budget import dense_cost, exact_cost, kept_from_keep, select_kept
+from vtrans.arch import MaskValues, detach_masks
+from vtrans.budget import dense_cost, exact_cost, hierarchical_keep, keep_changes, kept_from_keep, select_kept
 from vtrans.checkpoint import capture, restore
 from vtrans.masks import VIBMasks
-from vtrans.methods.base import Job, Outcome
-from vtrans.surgery import cut_model
-from vtrans.training import DistillWeights, TeacherOutputs, batches, distill, distill_loss, steps_for
+from vtrans.methods.base import Choice, Job
+from vtrans.training import DistillWeights, TeacherOutputs, batches, distill_loss, frozen_input_embeddings, steps_for
 
-
-SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast and faster variants): a sample is small
-SAMPLE_TEACHER_BYTES = 1 << 30  # teacher outputs remembered for a sample (343 MiniLM examples: ~0.1 GB)
+MASK_INITS = ("fisher", "uniform")
+# Initial log_alpha: units a one-shot choice would drop start in [LOW, LOW + SPREAD), the others in
+# [HIGH, HIGH + SPREAD); uniform starts every unit at UNIFORM.
+LOW, HIGH, SPREAD, UNIFORM = 1.0, 5.0, 2.0, 6.0
 
 
 @dataclass
 class VTransSettings:
     lr: float = 3e-5  # weights, while pruning
     recover_lr: float = 5e-5  # weights of the cut model, while recovering
-    mask_lr: float = 0.1
-    lagrangian_lr: float = 0.05
-    kl_weight: float = 0.01  # on the KL averaged over units
-    ramp: float = 0.6  # share of pruning steps over which the target goes from 1 to the budget
-    keep_temperature: float = 1.0  # of the sigmoid(log_alpha / T) keep probability in the expected cost
-    log_sigma2_init: float = -6.0  # log_alpha starts at 6: every unit kept, little noise
+    mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1] (short runs need bigger steps)
+    lagrangian_lr: float = 1.0  # plain gradient ascent on the lambdas
+    kl_weight: float = 1e-6  # per unit, on the KL summed over units
+    ramp: float = 0.5  # share of the search over which the target goes from 1 to the budget
+    settle: float | None = None  # share of the steps with the kept set fixed; None: 0.25 if weights frozen, else 0
+    temperature: float = 1.0  # of the keep probability sigmoid(log_alpha / T) in the expected cost
+    mask_init: str = "fisher"  # or "uniform"
+    init_samples: int = 512  # examples for the Fisher warm start
     log_every: int = 10
     distill: DistillWeights = field(default_factory=DistillWeights)
+
+    def mask_lr_for(self, ramp_steps: int) -> float:
+        if self.mask_lr is not None:
+            return self.mask_lr
+        return min(0.1, max(0.01, 4.0 / ramp_steps))
+
+    def settle_share(self, train_weights: bool) -> float:
+        if self.settle is not None:
+            return self.settle
+        return 0.0 if train_weights else 0.25
 
 
 class Lagrangian(nn.Module):
@@ -56,117 +82,150 @@ class Lagrangian(nn.Module):
         return self.lambdas[0] * gap + self.lambdas[1] * gap * gap
 
 
+def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
+    """Initial log_alpha per unit from Fisher information per cost (see the module docstring)."""
+    from vtrans.methods.baselines import fisher_scores
+    from vtrans.budget import Selection  # the same pricing the final selection uses
+
+    dims = job.adapter.dims()
+    # batches of the same data in an order of their own: the training loader's shuffle stays untouched, so a
+    # resumed run (which skips this) sees the batches an uninterrupted one does
+    own_order = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                                            collate_fn=loader.collate_fn,
+                                            generator=torch.Generator().manual_seed(job.seed))
+    fisher = fisher_scores(job, own_order, ("hidden", "heads", "ffn"), limit=samples)
+    worth = fisher | {"attention": torch.full((dims.layers,), float("inf")),
+                      "ffn_block": torch.full((dims.layers,), float("inf"))}
+    dropped = {name: ~keep for name, keep in _keep_tensors(select_kept(job.adapter, worth, job.budget), dims).items()}
+    every = {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
+    ratios = {name: torch.zeros(w.shape) for name, w in worth.items()}
+    for ratio, _, name, index in Selection(job.adapter, worth, every, job.budget).candidates(dropping=True):
+        ratios[name][index] = ratio
+    init = {name: torch.full(w.shape, HIGH + SPREAD) for name, w in worth.items()}
+    for tier, base in ((True, LOW), (False, HIGH)):  # dropped by the one-shot choice, then kept
+        members = [(float(ratios[name][index]), name, index) for name in fisher
+                   for index in map(tuple, dropped[name].eq(tier).nonzero().tolist())]
+        for rank, (_, name, index) in enumerate(sorted(members)):
+            init[name][index] = base + SPREAD * rank / max(1, len(members))
+    return init
+
+
+def _keep_tensors(kept, dims) -> dict[str, torch.Tensor]:
+    from vtrans.surgery import indicators
+
+    return {name: value.bool() for name, value in indicators(kept, dims).items()}
+
+
+def choose(job: Job, masks: VIBMasks) -> tuple[dict[str, torch.Tensor], dict]:
+    """The kept set at the end of the search (as 0/1 tensors) and how far the budget fix-up moved it."""
+    log_alpha = masks.log_alphas()
+    start = hierarchical_keep(log_alpha)
+    worth = {name: torch.sigmoid(value) for name, value in log_alpha.items()}
+    kept = select_kept(job.adapter, worth, job.budget, start)
+    return _keep_tensors(kept, job.adapter.dims()), keep_changes(start, kept, job.adapter.dims())
+
+
+def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagrangian, values: MaskValues,
+          batch: dict, teacher: TeacherOutputs, settled: dict | None, target: float, dense: dict,
+          ramped: float) -> tuple[dict, float, float, float]:
+    """One pruning step's forward and backward; returns the losses, expected cost, target and KL."""
+    model, adapter, budget = job.model, job.adapter, job.budget
+    labels = batch.pop("labels")
+    teacher_out = teacher(batch)
+    if settled is None:  # search: sampled masks
+        hidden_keep = masks.hidden_keep()
+        values.set(masks.sample(labels.shape[0]), hidden_keep)
+    else:  # settle: exactly the kept model, scaled by mu
+        hidden_keep = settled["hidden"].float()
+        values.set({name: (m.mu * settled[name]).unsqueeze(0) for name, m in masks.groups.items()}, hidden_keep)
+    losses = distill_loss(model(**batch, output_hidden_states=True), teacher_out, labels,
+                          batch["attention_mask"], settings.distill, hidden_keep=hidden_keep)
+    expected = adapter.cost(masks.expected_sizes(settings.temperature), budget.seq_len)
+    s = expected[budget.kind] / dense[budget.kind]
+    t = 1 - (1 - target) * min(1.0, ramped)
+    kl = masks.kl()
+    loss = losses["loss"]
+    if settled is None:
+        loss = loss + settings.kl_weight * kl + lagrangian(s - t)
+    loss.backward()
+    return losses, s.item(), t, kl.item()
+
+
 def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weights: bool = True,
-          state: dict | None = None, teacher: TeacherOutputs | None = None) -> tuple[Kept, dict, list]:
-    """Train VIB masks (and the weights, unless frozen) under the Lagrangian; return the kept set meeting the
-    budget, the mu of every unit, and the training log. `state`, from a checkpoint, resumes; `teacher` may
-    remember the teacher's outputs across epochs."""
+          state: dict | None = None, teacher: TeacherOutputs | None = None) -> Choice:
+    """Train VIB masks (and the weights, unless frozen) under the Lagrangian, then settle; return the kept set
+    meeting the budget, the mu of every unit, and the training log. `state`, from a checkpoint, resumes;
+    `teacher` may remember the teacher's outputs across epochs."""
     teacher = teacher or TeacherOutputs(job.teacher, max_bytes=0)
     model, adapter, budget = job.model, job.adapter, job.budget
-    dims = adapter.dims()
     dense = dense_cost(adapter, budget.seq_len)
     target = budget.fraction(dense)
-    masks = VIBMasks(dims.mask_shapes(), log_sigma2_init=settings.log_sigma2_init)
-    lagrangian = Lagrangian()
-    optimizers = {"mask_optimizer": torch.optim.Adam(masks.parameters(), lr=settings.mask_lr),
-                  "lagrangian_optimizer": torch.optim.Adam(lagrangian.parameters(), lr=settings.lagrangian_lr,
-                                                           maximize=True)}
-    model.requires_grad_(train_weights)  # the student is a copy of the frozen teacher: unfreeze to train it
-    if train_weights:
-        optimizers["optimizer"] = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    objects = {"masks": masks, "lagrangian": lagrangian, **optimizers} | ({"model": model} if train_weights else {})
-    start = restore(state, objects) if state is not None else 0
-    log = state["log"] if state is not None else []
-    values = MaskValues()
-    handles = adapter.attach_masks(values)
     steps = steps_for(epochs, loader)
-    ramp_steps = max(1, int(settings.ramp * steps))
-    model.train(train_weights)
+    search_steps = max(1, steps - int(settings.settle_share(train_weights) * steps))
+    ramp_steps = max(1, int(settings.ramp * search_steps))
+    if settings.mask_init not in MASK_INITS:
+        raise ValueError(f"mask_init {settings.mask_init!r}: choose one of {', '.join(MASK_INITS)}")
+    init = warm_start(job, loader, settings.init_samples) if settings.mask_init == "fisher" and state is None \
+        else UNIFORM
+    masks = VIBMasks(adapter.dims().mask_shapes(), init)
+    lagrangian = Lagrangian()
+    optimizers = {"mask_optimizer": torch.optim.Adam(masks.parameters(), lr=settings.mask_lr_for(ramp_steps)),
+                  "lagrangian_optimizer": torch.optim.SGD(lagrangian.parameters(), lr=settings.lagrangian_lr,
+                                                          maximize=True)}
+    model.requires_grad_(train_weights)  # the student is a copy of the frozen teacher: unfreeze to train it
     try:
-        for step, batch in batches(loader, steps, f"{job.method}: pruning", start):
-            labels = batch.pop("labels")
-            teacher_out = teacher(batch)
-            hidden_keep = masks.hidden_keep()
-            values.set(masks.sample(labels.shape[0]), hidden_keep)
-            losses = distill_loss(model(**batch, output_hidden_states=True), teacher_out, labels,
-                                  batch["attention_mask"], settings.distill, hidden_keep=hidden_keep)
-            expected = adapter.cost(masks.expected_sizes(settings.keep_temperature), budget.seq_len)
-            s = expected[budget.kind] / dense[budget.kind]
-            t = 1 - (1 - target) * min(1.0, (step + 1) / ramp_steps)
-            kl = masks.kl() / masks.num_units()
-            (losses["loss"] + settings.kl_weight * kl + lagrangian(s - t)).backward()
-            for optimizer in optimizers.values():
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if step % settings.log_every == 0 or step == steps - 1:
-                now = kept_from_keep({name: m.keep() for name, m in masks.groups.items()})
-                log.append({"phase": "prune", "step": step, "task": float(losses["task"]),
-                            "distill": float(losses["distill"]), "kl": kl.item(),
-                            "expected_cost": s.item(), "target": t,
-                            "kept_cost": exact_cost(adapter, now, budget.seq_len)[budget.kind] / dense[budget.kind],
-                            "lambda1": lagrangian.lambdas[0].item(), "lambda2": lagrangian.lambdas[1].item()})
-            if job.checkpoint is not None and job.checkpoint.due(step):
-                job.checkpoint.save(capture("prune", step, objects, log=log))
+        with frozen_input_embeddings(model):
+            if train_weights:
+                weights = [p for p in model.parameters() if p.requires_grad]
+                optimizers["optimizer"] = torch.optim.AdamW(weights, lr=settings.lr)
+            objects = {"masks": masks, "lagrangian": lagrangian, **optimizers}
+            objects |= {"model": model} if train_weights else {}
+            start = restore(state, objects) if state is not None else 0
+            log = state["log"] if state is not None else []
+            settled = state.get("settled") if state is not None else None  # the kept set, once chosen
+            values = MaskValues()
+            handles = adapter.attach_masks(values)
+            model.train(train_weights)
+            try:
+                for step, batch in batches(loader, steps, f"{job.method}: pruning", start):
+                    if step == search_steps and settled is None:
+                        settled, changes = choose(job, masks)
+                        log.append({"phase": "select", "step": step, **changes})
+                    losses, s, t, kl = _step(job, settings, masks, lagrangian, values, batch, teacher, settled,
+                                             target, dense, (step + 1) / ramp_steps)
+                    for optimizer in optimizers.values():
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if step % settings.log_every == 0 or step == steps - 1:
+                        now = kept_from_keep(settled if settled is not None else masks.keep())
+                        kept_cost = exact_cost(adapter, now, budget.seq_len)[budget.kind] / dense[budget.kind]
+                        log.append({"phase": "prune", "step": step, "task": float(losses["task"]),
+                                    "distill": float(losses["distill"]), "kl": kl, "expected_cost": s, "target": t,
+                                    "kept_cost": kept_cost, "settled": settled is not None,
+                                    "lambda1": lagrangian.lambdas[0].item(), "lambda2": lagrangian.lambdas[1].item()})
+                    if job.checkpoint is not None and job.checkpoint.due(step):
+                        job.checkpoint.save(capture("prune", step, objects, log=log, settled=settled))
+            finally:
+                detach_masks(handles)
+                values.set(None)
     finally:
-        detach_masks(handles)
-        values.set(None)
         model.requires_grad_(True)
-    scores = masks.log_alphas()
-    kept = select_kept(adapter, scores, budget)
+    if settled is None:  # no settle phase: choose now
+        settled, changes = choose(job, masks)
+        log.append({"phase": "select", "step": steps, **changes})
     mu = {name: m.mu.detach().clone() for name, m in masks.groups.items()}
-    return kept, mu, log
+    return Choice(kept=kept_from_keep(settled), scale=mu, log=log)
 
 
-def _prune_and_cut(job: Job, settings: VTransSettings, loader, epochs: float, teacher: TeacherOutputs,
-                   train_weights: bool = True) -> tuple[Kept, list, dict | None]:
-    """Prune and cut, or, resuming a run killed while recovering, rebuild its cut model. Returns the kept set,
-    the log, and the recovery state to resume (None to start recovery afresh)."""
-    state = job.checkpoint.load() if job.checkpoint is not None and job.resume else None
-    if state is not None and state["phase"] == "recover":
-        kept = Kept(**state["kept"])
-        job.adapter.cut(kept)  # the weights, already folded, come from the checkpoint
-        return kept, state["log"], state
-    kept, mu, log = prune(job, settings, loader, epochs, train_weights, state, teacher)
-    cut_model(job.adapter, kept, mu)
-    return kept, log, None
+def settings_of(job: Job) -> VTransSettings:
+    return job.vtrans if job.vtrans is not None else VTransSettings()
 
 
-def _recover(job: Job, kept: Kept, loader, steps: int, settings: VTransSettings, log: list,
-             state: dict | None, teacher: TeacherOutputs) -> None:
-    distill(job.model, teacher, loader, steps, settings.recover_lr, settings.distill,
-            hidden_index=torch.tensor(kept.hidden, dtype=torch.long), desc=f"{job.method}: recovering", log=log,
-            checkpoint=job.checkpoint, state=state, extra={"kept": vars(kept)})
+def choose_trained(job: Job, loader, teacher: TeacherOutputs, state: dict | None, epochs: float) -> Choice:
+    """VTrans and Fast-VTrans: masks and weights train together."""
+    return prune(job, settings_of(job), loader, epochs, True, state, teacher)
 
 
-def run(job: Job) -> Outcome:
-    """VTrans on all the data: prune, cut, recover."""
-    return _prune_cut_recover(job, sampled=False)
-
-
-def run_fast(job: Job) -> Outcome:
-    """Fast-VTrans: the same on a label-stratified sample of `data_fraction` of the data."""
-    return _prune_cut_recover(job, sampled=True)
-
-
-def _prune_cut_recover(job: Job, sampled: bool, settings: VTransSettings | None = None) -> Outcome:
-    settings = settings or VTransSettings()
-    loader = job.loader(job.data_fraction if sampled else 1.0)
-    default_epochs = SAMPLE_EPOCHS if sampled else 1.0
-    epochs = default_epochs if job.prune_epochs is None else job.prune_epochs
-    recover_epochs = epochs if job.recover_epochs is None else job.recover_epochs
-    # a sample is seen many times: remember the teacher's outputs (the full data is seen once or twice)
-    teacher = TeacherOutputs(job.teacher, max_bytes=SAMPLE_TEACHER_BYTES if sampled else 0)
-    kept, log, state = _prune_and_cut(job, settings, loader, epochs, teacher)
-    _recover(job, kept, loader, steps_for(recover_epochs, loader), settings, log, state, teacher)
-    return Outcome(model=job.model, kept=kept, log=log)
-
-
-def run_faster(job: Job, settings: VTransSettings | None = None) -> Outcome:
-    """Faster-VTrans: weights frozen, masks learned on a sample; optional recovery of `recover_steps`."""
-    settings = settings or VTransSettings()
-    loader = job.loader(job.data_fraction)
-    epochs = SAMPLE_EPOCHS if job.prune_epochs is None else job.prune_epochs
-    teacher = TeacherOutputs(job.teacher, max_bytes=SAMPLE_TEACHER_BYTES)
-    kept, log, state = _prune_and_cut(job, settings, loader, epochs, teacher, train_weights=False)
-    _recover(job, kept, loader, job.recover_steps, settings, log, state, teacher)
-    return Outcome(model=job.model, kept=kept, log=log)
+def choose_frozen(job: Job, loader, teacher: TeacherOutputs, state: dict | None, epochs: float) -> Choice:
+    """Faster-VTrans: the weights stay frozen; only the masks (and lambdas) train."""
+    return prune(job, settings_of(job), loader, epochs, False, state, teacher)
