@@ -50,7 +50,8 @@ class VTransSettings:
     lr: float = 3e-5  # weights, while pruning
     recover_lr: float = 5e-5  # weights of the cut model, while recovering
     mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1] (short runs need bigger steps)
-    lagrangian_lr: float = 1.0  # plain gradient ascent on the lambdas
+    lagrangian_lr: float = 0.1  # plain gradient ascent on the lambdas
+    penalty: float = 100.0  # initial lambda2: a proportional push on the gap from the first step
     kl_weight: float = 1e-6  # per unit, on the KL summed over units
     ramp: float = 0.5  # share of the search over which the target goes from 1 to the budget
     settle: float | None = None  # share of the steps with the kept set fixed; None: 0.25 if weights frozen, else 0
@@ -72,11 +73,15 @@ class VTransSettings:
 
 
 class Lagrangian(nn.Module):
-    """lambda1 * (s - t) + lambda2 * (s - t)^2; the lambdas follow gradient ascent."""
+    """lambda1 * (s - t) + lambda2 * (s - t)^2; the lambdas follow gradient ascent.
 
-    def __init__(self):
+    lambda2 starts at `penalty`, so the push on the masks, lambda1 + 2 lambda2 (s - t), follows the gap from
+    the first step and changes sign with it; lambda1 alone (an integral of the gap) lags behind the ramp,
+    then winds up and drives the cost far below the target before it unwinds."""
+
+    def __init__(self, penalty: float = 0.0):
         super().__init__()
-        self.lambdas = nn.Parameter(torch.zeros(2))
+        self.lambdas = nn.Parameter(torch.tensor([0.0, penalty]))
 
     def forward(self, gap: torch.Tensor) -> torch.Tensor:
         return self.lambdas[0] * gap + self.lambdas[1] * gap * gap
@@ -168,7 +173,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     init = warm_start(job, loader, settings.init_samples) if settings.mask_init == "fisher" and state is None \
         else UNIFORM
     masks = VIBMasks(adapter.dims().mask_shapes(), init)
-    lagrangian = Lagrangian()
+    lagrangian = Lagrangian(settings.penalty)
     optimizers = {"mask_optimizer": torch.optim.Adam(masks.parameters(), lr=settings.mask_lr_for(ramp_steps)),
                   "lagrangian_optimizer": torch.optim.SGD(lagrangian.parameters(), lr=settings.lagrangian_lr,
                                                           maximize=True)}
