@@ -101,3 +101,28 @@ def write_sentiment_csv(path, rows: int = 96, seed: int = 0, label_column: str =
             filler = rng.sample(WORDS[6:], 4)
             writer.writerow([" ".join(filler[:2] + [word] + filler[2:]), label])
     return path
+
+
+@pytest.fixture
+def job(tmp_path):
+    """make(method, **Job fields): a Job on a tiny random BERT (teacher) and 200 rows of the toy task."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from vtrans.budget import parse_target
+    from vtrans.data import Encoded, load_table
+    from vtrans.methods.base import Job
+
+    ckpt = write_tiny_checkpoint(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    table = load_table(str(write_sentiment_csv(tmp_path / "train.csv", rows=200)))
+    train = Encoded(table, tokenizer, {"0": 0, "1": 1}, max_length=16)
+    teacher = tiny_model("bert").requires_grad_(False)
+    teacher.config.num_labels = TINY["num_labels"]
+    student = copy.deepcopy(teacher)
+
+    def make(method, target="flops=0.5", **kw):
+        return Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher,
+                   budget=parse_target(target, 16), train=train, batch_size=16, **kw)
+    return make

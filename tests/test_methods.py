@@ -17,22 +17,6 @@ from vtrans.methods.base import Job
 from vtrans.surgery import masked_values, save
 
 
-@pytest.fixture
-def job(tmp_path):
-    ckpt = write_tiny_checkpoint(tmp_path / "model")
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    table = load_table(str(write_sentiment_csv(tmp_path / "train.csv", rows=200)))
-    train = Encoded(table, tokenizer, {"0": 0, "1": 1}, max_length=16)
-    teacher = tiny_model("bert").requires_grad_(False)
-    teacher.config.num_labels = TINY["num_labels"]
-    student = copy.deepcopy(teacher)
-
-    def make(method, **kw):
-        return Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher,
-                   budget=parse_target("flops=0.5", 16), train=train, batch_size=16, **kw)
-    return make
-
-
 def masked_logits(model, kept, scale, batch):
     adapter = adapter_for(model)
     z, hidden_keep = masked_values(kept, adapter.dims(), scale)

@@ -137,10 +137,11 @@ class Selection:
         return abs(current - toggled)
 
     def block_worth(self, block: str, layer: int) -> float:
-        """A block is worth its own worth times that of the units it holds."""
+        """A block is worth what it holds: dropped whole, it loses all of it. Its own mask has had its say in
+        the kept set the selection starts from (`hierarchical_keep`); inf (never drop) stays inf."""
         own = float(self.worth[block][layer])
         held = self.worth[BLOCK_CONTENTS[block]][layer][self.kept[BLOCK_CONTENTS[block]][layer]]
-        return own if own == math.inf else own * float(held.sum())
+        return own if own == math.inf else float(held.sum())
 
     def candidates(self, dropping: bool) -> list[tuple[float, float, str, tuple]]:
         """(worth per cost, cost, group, index) of every unit that can be dropped (the kept ones) or added
@@ -181,10 +182,10 @@ def select_kept(adapter: Adapter, worth: dict[str, torch.Tensor], budget: Budget
     """The kept set closest to `keep` (default: everything) that meets the budget.
 
     `worth` (>= 0 per unit, shaped like the masks; inf: never drop) is what a unit is worth, and each unit
-    is judged by its worth per cost in the current kept set. A block is worth its own worth times the
-    total worth of what it holds, so it goes only when it is worth less than its contents. While over
-    budget, the least worth per cost goes first (prices refreshed as they change); while more than
-    TOLERANCE under, the most worth per cost comes back first, skipping whatever would break the budget.
+    is judged by its worth per cost in the current kept set. A block is worth what it holds, so its worth
+    per cost is its contents' average: the least worthy units inside it go before the block goes whole.
+    While over budget, the least worth per cost goes first (prices refreshed as they change); while more
+    than TOLERANCE under, the most worth per cost comes back first, skipping whatever would break the budget.
     If only coarse units are left to add (a hidden dim costs a share of every layer), the best of them
     comes back and the least worthy FFN neurons, the finest units, make room for it.
     """

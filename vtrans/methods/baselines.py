@@ -5,6 +5,8 @@ differ only in how they score units. Magnitude and Fisher choose with the same s
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +74,8 @@ def _sample_loader(job: Job, samples: int):
 
 def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int | None = None
                   ) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher information of the mask variables of `groups` over the loader's first `limit`
-    examples: squared per-example gradients of the task loss with respect to a mask value of 1, summed.
+    """Diagonal Fisher information of the mask variables of `groups` over the loader's first batches (about
+    `limit` examples): squared per-example gradients of the task loss with respect to a mask value of 1, summed.
     Each example has its own row of mask variables (the masks' batch axis), so one backward pass gives
     every example's gradient."""
     model, adapter = job.model, job.adapter
@@ -83,13 +85,11 @@ def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int
     fisher = {group: torch.zeros(dims.mask_shapes()[group]) for group in groups}
     values = MaskValues()
     handles = adapter.attach_masks(values)
-    seen = 0
+    batches = len(loader) if limit is None else min(len(loader), math.ceil(limit / loader.batch_size))
     try:
-        for batch in tqdm(loader, desc=f"{job.method}: Fisher information", dynamic_ncols=True):
-            if limit is not None and seen >= limit:
-                break
+        for batch in tqdm(itertools.islice(loader, batches), total=batches, desc=f"{job.method}: Fisher information",
+                          dynamic_ncols=True):
             b = batch["input_ids"].shape[0]
-            seen += b
             z = {name: torch.ones(b, *shape, requires_grad=name in groups)
                  for name, shape in dims.mask_shapes().items()}
             values.set(z, torch.ones(dims.hidden))

@@ -1,0 +1,146 @@
+"""Tests that fail when a method is broken: planted dead units go first in every method, the VIB expected cost
+follows its target, selection weighs worth against cost and keeps blocks whose contents are kept, and VTrans
+beats random on a task a teacher has learned."""
+import json
+
+import pytest
+import torch
+from conftest import write_sentiment_csv, write_tiny_checkpoint
+
+import vtrans
+from vtrans.arch import adapter_for
+from vtrans.budget import exact_cost, hierarchical_keep, keep_changes, parse_target, select_kept
+from vtrans.methods import run
+from vtrans.methods import vtrans as vtrans_method
+from vtrans.methods.vtrans import VTransSettings
+
+DEAD_HEAD = (1, 2)  # layer, head: writes nothing
+DEAD_NEURON = (0, 5)  # layer, neuron: writes nothing
+DEAD_BLOCK = 2  # the attention block of this layer writes nothing
+
+
+@torch.no_grad()
+def plant_dead_units(model) -> None:
+    """Zero every weight that writes or reads the planted units, so they change nothing at all."""
+    layers = model.bert.encoder.layer
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+
+    def kill_heads(layer, heads):
+        attention = layers[layer].attention
+        for head in heads:
+            rows = slice(head * head_dim, (head + 1) * head_dim)
+            for name in ("query", "key", "value"):
+                getattr(attention.self, name).weight[rows] = 0
+                getattr(attention.self, name).bias[rows] = 0
+            attention.output.dense.weight[:, rows] = 0
+
+    kill_heads(DEAD_HEAD[0], [DEAD_HEAD[1]])
+    kill_heads(DEAD_BLOCK, range(model.config.num_attention_heads))
+    layers[DEAD_BLOCK].attention.output.dense.bias.zero_()
+    layer, neuron = DEAD_NEURON
+    layers[layer].intermediate.dense.weight[neuron] = 0
+    layers[layer].intermediate.dense.bias[neuron] = 0
+    layers[layer].output.dense.weight[:, neuron] = 0
+
+
+def planted_job(job, method, **options):
+    j = job(method, target="flops=0.6", data_fraction=0.5, recover_epochs=0.0, **options)
+    plant_dead_units(j.teacher)
+    j.model.load_state_dict(j.teacher.state_dict())
+    return j
+
+
+@pytest.mark.parametrize("method", ["vtrans", "fast-vtrans", "faster-vtrans", "optin", "fisher", "magnitude"])
+def test_planted_dead_units_are_pruned_by_every_method(job, method):
+    j = planted_job(job, method, prune_epochs=6.0)
+    kept = run(j).kept
+    layer, head = DEAD_HEAD
+    assert head not in kept.heads[layer], kept.heads
+    assert DEAD_NEURON[1] not in kept.ffn[DEAD_NEURON[0]]
+    assert not kept.attention[DEAD_BLOCK] or not kept.heads[DEAD_BLOCK], kept  # the dead block keeps nothing
+    # the dead units are 26% of the FLOPs and 40% go: live heads stay, so the dead ones were chosen, not swept
+    assert sum(len(h) for h in kept.heads) >= 3
+
+
+def test_vib_expected_cost_follows_the_ramped_target(job):
+    """With the Lagrangian's sign flipped, or masks that cannot move, the cost would stay near 1."""
+    j = job("faster-vtrans", target="flops=0.4")
+    choice = vtrans_method.prune(j, VTransSettings(settle=0.25), j.loader(), epochs=12.0, train_weights=False)
+    search = [r for r in choice.log if r["phase"] == "prune" and not r["settled"]]
+    ramp_end = max(r["step"] for r in search) / 2  # ramp: the first half of the search
+    held = [r for r in search if r["step"] >= ramp_end]
+    assert held and all(abs(r["expected_cost"] - r["target"]) <= 0.02 * r["target"] for r in held[-3:]), held
+    assert all(r["target"] == pytest.approx(0.4) for r in held[1:])
+    select = next(r for r in choice.log if r["phase"] == "select")
+    moved = sum(select["added"].values()) + sum(select["removed"].values())
+    assert moved <= 0.1 * sum(len(f) for f in choice.kept.ffn), select  # training, not the fix-up, chose
+    settled = [r for r in choice.log if r["phase"] == "prune" and r["settled"]]
+    assert settled and all(r["kept_cost"] == settled[0]["kept_cost"] for r in settled)  # the set stays fixed
+
+
+def test_a_block_stays_while_most_of_its_contents_are_kept(model_and_adapter):
+    _, adapter = model_and_adapter
+    shapes = adapter.dims().mask_shapes()
+    log_alpha = {name: torch.full(shape, 3.0) for name, shape in shapes.items()}
+    log_alpha["attention"][1] = -0.5  # the block's own mask fell below threshold, its heads did not
+    log_alpha["ffn_block"][0] = -4.0  # this block and most of its neurons fell
+    log_alpha["ffn"][0, :40] = -4.0
+    start = hierarchical_keep(log_alpha)
+    assert start["attention"][1] and not start["ffn_block"][0]
+    worth = {name: value.sigmoid() for name, value in log_alpha.items()}
+    for target in ("flops=0.8", "flops=0.7"):  # over budget from the start: something must go, not block 1
+        kept = select_kept(adapter, worth, parse_target(target, 16), start)
+        assert kept.attention[1] and len(kept.heads[1]) == 4, kept.sizes()
+        changes = keep_changes(start, kept, adapter.dims())
+        assert changes["removed"]["heads"] + changes["removed"]["ffn"] > 0 and changes["added"]["attention"] == 0
+
+
+def test_the_least_worthy_units_inside_a_block_go_before_the_block(model_and_adapter):
+    _, adapter = model_and_adapter
+    shapes = adapter.dims().mask_shapes()
+    worth = {name: torch.full(shape, 0.9) for name, shape in shapes.items()}
+    for fixed in ("hidden", "heads", "attention"):  # only FFN neurons and blocks compete here
+        worth[fixed] = torch.full(shapes[fixed], float("inf"))
+    worth["ffn"][2, :10] = 0.01
+    kept = select_kept(adapter, worth, parse_target("flops=0.95", 16))
+    assert all(kept.ffn_block) and not set(range(10)) & set(kept.ffn[2]) and len(kept.ffn[2]) >= 30
+    worth["ffn"][2] = 0.01  # every neuron of the block is worth little: all of it goes, the other blocks stay
+    kept = select_kept(adapter, worth, parse_target("flops=0.88", 16))
+    assert not kept.ffn[2] and len(kept.ffn[0]) + len(kept.ffn[1]) >= 2 * shapes["ffn"][1] - 12
+
+
+def test_selection_weighs_worth_against_cost(model_and_adapter):
+    """A hidden dim costs a share of every layer: at equal worth it goes before a neuron, and at a worth
+    far above its cost it stays while cheaper, less worthy neurons go. (Heads and blocks stay here.)"""
+    _, adapter = model_and_adapter
+    shapes = adapter.dims().mask_shapes()
+    budget = parse_target("flops=0.9", 16)
+    worth = {name: torch.ones(shape) for name, shape in shapes.items()}
+    for fixed in ("heads", "attention", "ffn_block"):
+        worth[fixed] = torch.full(shapes[fixed], float("inf"))
+    kept = select_kept(adapter, worth, budget)
+    assert len(kept.hidden) < shapes["hidden"][0] and sum(map(len, kept.ffn)) >= 0.9 * 3 * shapes["ffn"][1]
+    worth["hidden"][:] = 1e6  # worth far more than its price
+    kept = select_kept(adapter, worth, budget)
+    assert len(kept.hidden) == shapes["hidden"][0] and sum(map(len, kept.ffn)) < 3 * shapes["ffn"][1]
+
+
+def test_vtrans_beats_random_on_a_learned_task(tmp_path, monkeypatch):
+    """A teacher fine-tuned on the toy task; at a third of its FLOPs with no recovery, VTrans keeps what the
+    task needs, random does not."""
+    monkeypatch.setenv("VTRANS_CACHE", str(tmp_path / "cache"))
+    ckpt = write_tiny_checkpoint(tmp_path / "model", with_head=False)
+    train = write_sentiment_csv(tmp_path / "train.csv", rows=400, seed=0)
+    test = write_sentiment_csv(tmp_path / "test.csv", rows=200, seed=1)
+    options = dict(eval_data=str(test), teacher_epochs=20.0, teacher_lr=2e-3, batch_size=16, max_length=16,
+                   latency_batch=2, latency_seq_len=8, recover_epochs=0.0, say=lambda m: None)
+    accuracy = {}
+    for method in ("vtrans", "random"):
+        result = vtrans.compress(str(ckpt), str(train), target="flops=0.3", method=method, out=tmp_path / method,
+                                 prune_epochs=3.0, **options)
+        accuracy[method] = result.report["compressed"]["metric"]["accuracy"]
+        dense = result.report["dense"]["metric"]["accuracy"]
+    assert dense > 0.9
+    assert accuracy["vtrans"] >= accuracy["random"] + 0.15 and accuracy["vtrans"] >= dense - 0.1, accuracy
+    log = json.loads((tmp_path / "vtrans" / "training_log.json").read_text())
+    assert any(r["phase"] == "select" for r in log)
