@@ -62,6 +62,22 @@ def test_planted_dead_units_are_pruned_by_every_method(job, method):
     assert sum(len(h) for h in kept.heads) >= 3
 
 
+def test_the_warm_start_starts_dead_units_lowest(job):
+    """Fisher information per cost spreads the initial log_alpha: units with none start below every live one."""
+    j = planted_job(job, "vtrans")
+    init = vtrans_method.warm_start(j, j.loader(), samples=64)
+    layer, head = DEAD_HEAD
+    dead = {("heads", (layer, head)), ("ffn", DEAD_NEURON)} | {("heads", (DEAD_BLOCK, h)) for h in range(4)}
+    dead_values = [float(init[name][index]) for name, index in dead]
+    live_heads = [float(v) for (i, h), v in zip(torch.cartesian_prod(torch.arange(3), torch.arange(4)).tolist(),
+                                                init["heads"].flatten()) if ("heads", (i, h)) not in dead]
+    live_neurons = init["ffn"].flatten().tolist()
+    live_neurons.pop(DEAD_NEURON[0] * init["ffn"].shape[1] + DEAD_NEURON[1])
+    assert max(dead_values) < min(live_heads + live_neurons + init["hidden"].tolist())
+    assert min(dead_values) == pytest.approx(vtrans_method.LOW)
+    assert (init["attention"] > vtrans_method.HIGH).all()  # blocks start high: only training drops a block
+
+
 def test_vib_expected_cost_follows_the_ramped_target(job):
     """With the Lagrangian's sign flipped, or masks that cannot move, the cost would stay near 1."""
     j = job("faster-vtrans", target="flops=0.4")
