@@ -1,17 +1,13 @@
 """Fast-VTrans, Faster-VTrans, OPTIN and the baselines on tiny models: what each promises, and exact reload."""
-import copy
 
 import pytest
 import torch
-from conftest import TINY, tiny_model, write_sentiment_csv, write_tiny_checkpoint
-from transformers import AutoTokenizer
 
 import vtrans
 from vtrans.arch import MaskValues, adapter_for, detach_masks
-from vtrans.budget import parse_target
-from vtrans.data import Encoded, load_table, stratified_indices
-from vtrans.methods import METHODS, baselines, optin, run
+from vtrans.data import stratified_indices
 from vtrans.methods import base as methods_base
+from vtrans.methods import baselines, optin, run
 from vtrans.methods import vtrans as vtrans_method
 from vtrans.methods.base import Job
 from vtrans.surgery import masked_values, save
@@ -57,8 +53,8 @@ def test_each_method_meets_budget_and_reloads_with_the_masked_logits(job, spy_cu
     save(outcome.model, None, tmp_path / method)
     with torch.no_grad():
         assert torch.equal(vtrans.load(tmp_path / method)(**spy_cut["batch"]).logits, spy_cut["cut"])
-    from vtrans.budget import exact_cost
     from vtrans.arch import Kept
+    from vtrans.budget import exact_cost
     dense = exact_cost(j.adapter, Kept.dense(adapter_for(j.teacher).dims()), 16)["flops"]
     achieved = exact_cost(adapter_for(j.teacher), outcome.kept, 16)["flops"] / dense
     assert 0.5 * 0.99 <= achieved <= 0.5

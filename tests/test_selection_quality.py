@@ -8,8 +8,7 @@ import torch
 from conftest import write_sentiment_csv, write_tiny_checkpoint
 
 import vtrans
-from vtrans.arch import adapter_for
-from vtrans.budget import exact_cost, hierarchical_keep, keep_changes, parse_target, select_kept
+from vtrans.budget import hierarchical_keep, keep_changes, parse_target, select_kept
 from vtrans.methods import run
 from vtrans.methods import vtrans as vtrans_method
 from vtrans.methods.vtrans import VTransSettings

@@ -23,8 +23,8 @@ from vtrans.methods.base import Job
 from vtrans.methods.vtrans import MASK_INITS, VTransSettings
 from vtrans.report import build_report
 from vtrans.surgery import check_output_dir, load, save
-from vtrans.training import DISTILL_LAYERS, DistillWeights
 from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config, load_teacher
+from vtrans.training import DISTILL_LAYERS, DistillWeights
 
 
 @dataclass

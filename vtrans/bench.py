@@ -1,8 +1,9 @@
 """`vtrans bench`: every method at every target on the same model, split, seed and machine, side by side.
 
 Each run is an ordinary `compress` into DIR/models/METHOD-TARGET (so every model can be loaded and
-probed). `METHOD+recover` runs METHOD followed by the recovery VTrans gets by default (`--recover-epochs`, or
-as many epochs as `--prune-epochs`, 1 by default): one-shot choices then compare with VTrans like for like. After each run DIR/bench.json and DIR/bench.md are rewritten, so an interrupted bench keeps what
+probed). `METHOD+recover` runs METHOD followed by the recovery VTrans gets by default (`--recover-epochs`,
+or as many epochs as `--prune-epochs`, 1 by default): one-shot choices then compare with VTrans like for
+like. After each run DIR/bench.json and DIR/bench.md are rewritten, so an interrupted bench keeps what
 finished; the plots are drawn at the end. A method that fails is a failed row; the others still run.
 """
 from __future__ import annotations

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Runs each method at each target on the same split, seed and machine; "
                                         "writes DIR/bench.json, bench.md, PNG plots and every model.")
     _run_options(b)
-    b.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default: {','.join(METHODS)})")
+    b.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated; METHOD+recover adds VTrans's default recovery after METHOD, e.g. "
+                        f"fisher+recover (default: {','.join(METHODS)})")
     b.add_argument("--targets", default="flops=0.6,flops=0.4", help="comma-separated (default: flops=0.6,flops=0.4)")
     b.add_argument("--plot-method", help="the method whose kept heads/neurons per layer are drawn (default: first)")
     b.add_argument("--out", default="vtrans-bench", help="output directory (default: vtrans-bench)")

@@ -64,15 +64,15 @@ def draw_kept(ax, kept: dict, dense: dict, title: str) -> None:
     """Per layer: the share of heads and FFN neurons kept, counts on the bars, dropped blocks marked."""
     layers, dense_layers = kept["layers"], dense["layers"]
     x = np.arange(len(layers))
-    heads = [l["heads"] / d["heads"] for l, d in zip(layers, dense_layers)]
-    ffn = [l["ffn"] / d["ffn"] for l, d in zip(layers, dense_layers)]
+    heads = [layer["heads"] / d["heads"] for layer, d in zip(layers, dense_layers)]
+    ffn = [layer["ffn"] / d["ffn"] for layer, d in zip(layers, dense_layers)]
     for offset, shares, key, block, label, color in (
             (-0.2, heads, "heads", "attention", "attention heads", "tab:blue"),
             (0.2, ffn, "ffn", "ffn_block", "FFN neurons", "tab:orange")):
         bars = ax.bar(x + offset, shares, 0.4, label=label, color=color)
-        ax.bar_label(bars, labels=[str(l[key]) if l[block] else "" for l in layers], fontsize=7)
-        for i, l in enumerate(layers):
-            if not l[block]:
+        ax.bar_label(bars, labels=[str(layer[key]) if layer[block] else "" for layer in layers], fontsize=7)
+        for i, layer in enumerate(layers):
+            if not layer[block]:
                 ax.text(i + offset, 0.02, "block\ndropped", ha="center", fontsize=6, color="tab:red")
     ax.set_xticks(x, [f"layer {i}" for i in x], fontsize=8)
     ax.set_ylim(0, 1.12)

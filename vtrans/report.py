@@ -49,8 +49,9 @@ def summary(report: dict, out) -> str:
     metric = next(iter(dense["metric"]))
     budget = report["budget"]
     layers = report["kept"]["layers"]
-    per_layer = " ".join(f"{l['heads'] if l['attention'] else '-'}/{l['ffn'] if l['ffn_block'] else '-'}"
-                         for l in layers)
+    per_layer = " ".join(
+        f"{layer['heads'] if layer['attention'] else '-'}/{layer['ffn'] if layer['ffn_block'] else '-'}"
+        for layer in layers)
     return "\n".join([
         f"vtrans {report['method']}: {report['model']} -> {out}",
         f"  budget    {budget['kind']} <= {budget['target_fraction']:.4f} of dense: achieved "
@@ -112,9 +113,9 @@ def write_html(out: str | Path) -> Path:
              f"<p>Hidden width {report['kept']['hidden']} of {report['dense_kept']['hidden']}.</p>",
              image(kept_png.name, "kept heads and FFN neurons per layer"),
              table(["layer", "heads", "FFN neurons", "attention block", "FFN block"],
-                   [[i, f"{l['heads']} / {d['heads']}", f"{l['ffn']} / {d['ffn']}",
-                     "kept" if l["attention"] else "dropped", "kept" if l["ffn_block"] else "dropped"]
-                    for i, (l, d) in enumerate(zip(report["kept"]["layers"], report["dense_kept"]["layers"]))]),
+                   [[i, f"{layer['heads']} / {d['heads']}", f"{layer['ffn']} / {d['ffn']}",
+                     "kept" if layer["attention"] else "dropped", "kept" if layer["ffn_block"] else "dropped"]
+                    for i, (layer, d) in enumerate(zip(report["kept"]["layers"], report["dense_kept"]["layers"]))]),
              "<h2>Training</h2>",
              image(curves_png.name, "training curves") if curves_png else
              "<p>This method does not train (one-shot): no curves.</p>"]

@@ -88,8 +88,9 @@ def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, ba
 
     label_map = label_ids([train, evaluation], None, None)
     num_labels = max(label_map.values()) + 1
-    key = _fingerprint(str(Path(name).resolve()) if Path(name).exists() else name, train.text, train.text_pair, train.labels,
-                       label_map, max_length, batch_size, epochs, lr, seed, transformers.__version__)
+    source = str(Path(name).resolve()) if Path(name).exists() else name
+    key = _fingerprint(source, train.text, train.text_pair, train.labels, label_map, max_length, batch_size, epochs,
+                       lr, seed, transformers.__version__)
     cached = cache_root() / "teachers" / key
     if (cached / "config.json").exists():
         say(f"vtrans: using the teacher fine-tuned earlier for this model and data: {cached}")

@@ -112,7 +112,8 @@ def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, t
     target is that layer's output alone, not output + residual stream: the drift that earlier pruned layers
     leave in the residual is not compensated. Returns mask values for `cut_model` and, per layer and group,
     the squared reconstruction error before and after."""
-    model, adapter = job.model.eval(), job.adapter
+    job.model.eval()
+    adapter = job.adapter
     dims = adapter.dims()
     teacher_adapter = type(adapter)(job.teacher)
     loader = _sample_loader(job, settings.rescale_samples)
@@ -134,14 +135,19 @@ def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, t
                 ones = torch.ones_like(solution)
                 usable = bool(solution.abs().max() <= settings.max_scale)  # else ill-posed: keep the plain units
                 solution = solution if usable else ones
-                error = lambda m: float(target_energy - 2 * m @ rhs + m @ gram @ m)  # noqa: E731
-                log.append({"phase": "rescale", "layer": i, "group": group, "error_before": error(ones),
-                            "error_after": error(solution), "rescaled": usable})
+                log.append({"phase": "rescale", "layer": i, "group": group, "rescaled": usable,
+                            "error_before": _squared_error(ones, gram, rhs, target_energy),
+                            "error_after": _squared_error(solution, gram, rhs, target_energy)})
                 scale[group][i, units] = solution.float()
     finally:
         detach_masks(handles)
         values.set(None)
     return scale, log
+
+
+def _squared_error(m: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, energy: float) -> float:
+    """|C m - b|^2 from the normal equations' pieces C^T C, C^T b and b^T b."""
+    return float(energy - 2 * m @ rhs + m @ gram @ m)
 
 
 def _normal_equations(job, loader, values, scale, reader, teacher_reader, units, width):

@@ -89,8 +89,8 @@ class Lagrangian(nn.Module):
 
 def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     """Initial log_alpha per unit from Fisher information per cost (see the module docstring)."""
-    from vtrans.methods.baselines import fisher_scores
     from vtrans.budget import Selection  # the same pricing the final selection uses
+    from vtrans.methods.baselines import fisher_scores
 
     dims = job.adapter.dims()
     # batches of the same data in an order of their own: the training loader's shuffle stays untouched, so a
