@@ -159,3 +159,34 @@ def test_vtrans_beats_random_on_a_learned_task(tmp_path, monkeypatch):
     assert accuracy["vtrans"] >= accuracy["random"] + 0.15 and accuracy["vtrans"] >= dense - 0.1, accuracy
     log = json.loads((tmp_path / "vtrans" / "training_log.json").read_text())
     assert any(r["phase"] == "select" for r in log)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_run_killed_while_settling_resumes_to_the_same_choice(job, tmp_path):
+    """The kept set fixed when the search ended travels in the checkpoint: resuming inside the settle phase
+    must not choose again from masks that went on learning."""
+    from vtrans.checkpoint import Checkpoint
+
+    class StopAfter(Checkpoint):
+        def save(self, state):
+            super().save(state)
+            if state["step"] >= 19:  # the search ends at step 13 (26 steps, half of them settling)
+                raise Interrupted
+
+    settings = VTransSettings(settle=0.5)
+    j = job("faster-vtrans")
+    torch.manual_seed(0)
+    whole = vtrans_method.prune(j, settings, j.loader(), epochs=2.0, train_weights=False)
+    j.checkpoint = StopAfter(tmp_path / "ckpt", 5, {"run": "test"})
+    torch.manual_seed(0)
+    with pytest.raises(Interrupted):
+        vtrans_method.prune(j, settings, j.loader(), epochs=2.0, train_weights=False)
+    j.checkpoint = Checkpoint(tmp_path / "ckpt", 5, {"run": "test"})
+    state = j.checkpoint.load()
+    assert state["settled"] is not None and state["step"] == 19
+    resumed = vtrans_method.prune(j, settings, j.loader(), epochs=2.0, train_weights=False, state=state)
+    assert resumed.kept == whole.kept
+    assert all(torch.allclose(resumed.scale[g], whole.scale[g]) for g in whole.scale)

@@ -190,7 +190,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         compressed_metric=compressed_metric, latency=latency, latency_shape=(opts.latency_batch,
                                                                             opts.latency_seq_len),
         kept=outcome.kept, dense_kept=Kept.dense(teacher_adapter.dims()), compression_seconds=compression_seconds,
-        teacher_cache=teacher.fine_tuned_at, seed=opts.seed, tolerance=TOLERANCE)
+        teacher_cache=teacher.fine_tuned_at, seed=opts.seed, tolerance=TOLERANCE, log=outcome.log)
     save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
          overwrite=opts.overwrite)
     checkpoint.clear()

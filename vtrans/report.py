@@ -17,7 +17,7 @@ from vtrans.errors import UsageError
 def build_report(*, method: str, model: str, data: str, eval_data: str, budget: Budget, dense_cost: dict,
                  compressed_cost: dict, dense_metric: dict, compressed_metric: dict, latency: dict,
                  latency_shape: tuple[int, int], kept: Kept, dense_kept: Kept, compression_seconds: float,
-                 teacher_cache: str | None, seed: int, tolerance: float) -> dict:
+                 teacher_cache: str | None, seed: int, tolerance: float, log: list) -> dict:
     target = budget.fraction(dense_cost)
     achieved = compressed_cost[budget.kind] / dense_cost[budget.kind]
     return {
@@ -39,6 +39,9 @@ def build_report(*, method: str, model: str, data: str, eval_data: str, budget: 
         "dense_kept": dense_kept.sizes(),
         "kept_units": {"hidden": kept.hidden, "heads": kept.heads, "ffn": kept.ffn},  # dense indices (probe)
         "compression_seconds": compression_seconds,
+        # units the budget fix-up added to / removed from the set mask training converged to (VIB methods)
+        "selection_fixup": next(({k: row[k] for k in ("added", "removed")} for row in log
+                                 if row.get("phase") == "select"), None),
         "teacher_fine_tuned_at": teacher_cache,
         "seed": seed,
     }
@@ -63,9 +66,19 @@ def summary(report: dict, out) -> str:
         f"({report['speedup']:.2f}x, batch {report['latency_setting']['batch']} x "
         f"{report['latency_setting']['seq_len']} tokens, measured here)",
         f"  kept      hidden {report['kept']['hidden']}; heads/FFN per layer: {per_layer}",
+        *_fixup_line(report.get("selection_fixup")),
         f"  time      {report['compression_seconds']:.0f} s",
         f"  load it:  vtrans.load('{out}')",
     ])
+
+
+def _fixup_line(fixup: dict | None) -> list[str]:
+    """How far the budget fix-up moved the kept set that mask training converged to (none: no such line)."""
+    if fixup is None:
+        return []
+    moved = [f"+{fixup['added'][g]}/-{fixup['removed'][g]} {g}" for g in fixup["added"]
+             if fixup["added"][g] or fixup["removed"][g]]
+    return [f"  fix-up    {', '.join(moved) if moved else 'none: training met the budget'}"]
 
 
 def write_html(out: str | Path) -> Path:
