@@ -13,6 +13,7 @@ import torch
 
 from vtrans.arch import Adapter, Kept, unit_counts
 from vtrans.errors import UsageError
+from vtrans.surgery import indicators
 
 TOLERANCE = 0.01  # achieved cost must lie in [target * (1 - TOLERANCE), target]
 KINDS = ("flops", "params")
@@ -103,8 +104,6 @@ def hierarchical_keep(scores: dict[str, torch.Tensor], threshold: float = 0.0) -
 
 def keep_changes(before: dict[str, torch.Tensor], after: Kept, dims) -> dict[str, dict[str, int]]:
     """Units per group that `after` adds to or removes from the kept set `before` (the budget fix-up)."""
-    from vtrans.surgery import indicators  # surgery imports this module
-
     final = indicators(after, dims)
     added, removed = {}, {}
     for name, start in before.items():

@@ -33,10 +33,20 @@ import torch
 from torch import nn
 
 from vtrans.arch import MaskValues, detach_masks
-from vtrans.budget import dense_cost, exact_cost, hierarchical_keep, keep_changes, kept_from_keep, select_kept
+from vtrans.budget import (
+    Selection,
+    dense_cost,
+    exact_cost,
+    hierarchical_keep,
+    keep_changes,
+    kept_from_keep,
+    select_kept,
+)
 from vtrans.checkpoint import capture, restore
 from vtrans.masks import VIBMasks
 from vtrans.methods.base import Choice, Job
+from vtrans.methods.baselines import fisher_scores
+from vtrans.surgery import indicators
 from vtrans.training import DistillWeights, TeacherOutputs, batches, distill_loss, frozen_input_embeddings, steps_for
 
 MASK_INITS = ("fisher", "uniform")
@@ -89,9 +99,6 @@ class Lagrangian(nn.Module):
 
 def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     """Initial log_alpha per unit from Fisher information per cost (see the module docstring)."""
-    from vtrans.budget import Selection  # the same pricing the final selection uses
-    from vtrans.methods.baselines import fisher_scores
-
     dims = job.adapter.dims()
     # batches of the same data in an order of their own: the training loader's shuffle stays untouched, so a
     # resumed run (which skips this) sees the batches an uninterrupted one does
@@ -104,6 +111,7 @@ def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     dropped = {name: ~keep for name, keep in _keep_tensors(select_kept(job.adapter, worth, job.budget), dims).items()}
     every = {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
     ratios = {name: torch.zeros(w.shape) for name, w in worth.items()}
+    # each unit's Fisher information per cost, priced as the final selection prices it
     for ratio, _, name, index in Selection(job.adapter, worth, every, job.budget).candidates(dropping=True):
         ratios[name][index] = ratio
     init = {name: torch.full(w.shape, HIGH + SPREAD) for name, w in worth.items()}
@@ -116,8 +124,6 @@ def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
 
 
 def _keep_tensors(kept, dims) -> dict[str, torch.Tensor]:
-    from vtrans.surgery import indicators
-
     return {name: value.bool() for name, value in indicators(kept, dims).items()}
 
 
