@@ -12,6 +12,8 @@ parameters, so `fold` is exact, and `cut` only removes rows, columns and LayerNo
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -42,8 +44,12 @@ def cut_linear(old: nn.Linear, rows=None, cols=None) -> nn.Linear:
         bias = bias[rows] if bias is not None else None
     if cols is not None:
         weight = weight[:, cols]
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    # the weights are copied in next: no initialisation, and no warning that an empty layer (a block that keeps
+    # no units) cannot be initialised
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        new = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                       device=weight.device, dtype=weight.dtype)
     new.weight.data.copy_(weight)
     if bias is not None:
         new.bias.data.copy_(bias)
