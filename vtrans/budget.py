@@ -88,8 +88,9 @@ def kept_from_keep(keep: dict[str, torch.Tensor]) -> Kept:
                 attention=keep["attention"].tolist(), ffn_block=keep["ffn_block"].tolist())
 
 
-# Which group each block mask gates: a block's worth is its own worth times its kept contents'.
+# Which group each block mask gates, and the block that gates each group.
 BLOCK_CONTENTS = {"attention": "heads", "ffn_block": "ffn"}
+CONTAINER = {contents: block for block, contents in BLOCK_CONTENTS.items()}
 
 
 def hierarchical_keep(scores: dict[str, torch.Tensor], threshold: float = 0.0) -> dict[str, torch.Tensor]:
@@ -108,9 +109,8 @@ def keep_changes(before: dict[str, torch.Tensor], after: Kept, dims) -> dict[str
     added, removed = {}, {}
     for name, start in before.items():
         start, end = start.bool(), final[name].bool()
-        if name in BLOCK_CONTENTS.values():  # units inside a dropped block are not kept
-            block = next(b for b, c in BLOCK_CONTENTS.items() if c == name)
-            start = start & before[block].bool().unsqueeze(-1)
+        if name in CONTAINER:  # units inside a dropped block are not kept
+            start = start & before[CONTAINER[name]].bool().unsqueeze(-1)
         added[name] = int((end & ~start).sum())
         removed[name] = int((start & ~end).sum())
     return {"added": added, "removed": removed}
@@ -167,9 +167,6 @@ class Selection:
                 rows += [(float(worth[prefix + (u,)]), price, name, prefix + (u,)) for u in units]
         rows = [(_per_cost(value, price), price, name, index) for value, price, name, index in rows if price > 0]
         return sorted(rows, key=lambda row: row[0])
-
-
-CONTAINER = {contents: block for block, contents in BLOCK_CONTENTS.items()}
 
 
 def _per_cost(value: float, price: float) -> float:
