@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vtrans.api import Options, compress
+from vtrans.api import MASK_OPTIONS, Options, compress
 from vtrans.errors import UsageError
 from vtrans.methods import METHODS
 from vtrans.methods.vtrans import MASK_INITS
@@ -57,8 +57,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 
 RUN_OPTIONS = ("eval_data", "max_length", "batch_size", "seed", "holdout", "teacher_epochs", "prune_epochs",
-               "recover_epochs", "data_fraction", "mask_init", "mask_lr", "ramp", "settle", "kl_weight",
-               "mask_temperature", "distill_layers")
+               "recover_epochs", "data_fraction", *MASK_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:
