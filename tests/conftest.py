@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; leave the other core to the machine
-from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification  # noqa: E402
+import transformers  # noqa: E402
 
 from vtrans.arch import Kept, adapter_for  # noqa: E402
 
@@ -15,11 +15,27 @@ TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_h
             max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+DECODER = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+               max_position_embeddings=64, num_labels=3, pad_token_id=0)
+GPT2 = dict(vocab_size=120, n_embd=32, n_layer=3, n_head=4, n_inner=48, n_positions=64, num_labels=3, pad_token_id=0,
+            bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+# Every family and head the invariants run over: (model class, config class, config).
+FAMILIES = {
+    "bert": ("BertForSequenceClassification", "BertConfig", TINY),
+    "roberta": ("RobertaForSequenceClassification", "RobertaConfig", TINY | dict(pad_token_id=1, type_vocab_size=1)),
+    "gpt2": ("GPT2ForSequenceClassification", "GPT2Config", GPT2),
+    "gpt2-lm": ("GPT2LMHeadModel", "GPT2Config", GPT2),  # LM head tied to the token embedding
+    "llama-gqa": ("LlamaForSequenceClassification", "LlamaConfig", DECODER | dict(num_key_value_heads=2)),
+    "llama-gqa-lm": ("LlamaForCausalLM", "LlamaConfig", DECODER | dict(num_key_value_heads=2)),  # untied
+    "llama-lm-tied": ("LlamaForCausalLM", "LlamaConfig", DECODER | dict(tie_word_embeddings=True)),
+}
+
+
 def tiny_model(family: str = "bert", seed: int = 0):
+    model_class, config_class, config = FAMILIES[family]
     torch.manual_seed(seed)
-    if family == "bert":
-        return BertForSequenceClassification(BertConfig(**TINY)).eval()
-    return RobertaForSequenceClassification(RobertaConfig(**TINY, pad_token_id=1, type_vocab_size=1)).eval()
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
 
 
 def tiny_batch(seed: int = 0, batch: int = 4, seq: int = 10):
@@ -48,7 +64,7 @@ def random_kept(adapter, seed: int = 0, drop_blocks: bool = True) -> Kept:
                 ffn=[some(dims.ffn) for _ in range(dims.layers)], attention=attention, ffn_block=ffn_block)
 
 
-@pytest.fixture(params=["bert", "roberta"])
+@pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param
 
@@ -67,15 +83,20 @@ def write_tiny_checkpoint(path, family: str = "bert", with_head: bool = True, se
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    if family in ("bert", "roberta"):
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab = {w: i for i, w in enumerate(specials + WORDS)}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        tokens = dict(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    else:  # decoders, as GPT-2 ships: an end-of-text token and no padding token
+        vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "\n"] + WORDS)}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tokens = dict(unk_token="<unk>", eos_token="<eos>")
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
     model = tiny_model(family, seed)
     if family == "roberta":
         model.config.pad_token_id = 0

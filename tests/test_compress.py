@@ -62,20 +62,21 @@ def run_cli(args, capsys):
 
 
 def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2Model
+    from transformers import DistilBertConfig, DistilBertModel
 
     ckpt = write_tiny_checkpoint(tmp_path / "model")
     data = write_sentiment_csv(tmp_path / "train.csv")
     out = tmp_path / "out"
-    gpt = tmp_path / "gpt"
-    GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)).save_pretrained(gpt)
+    unsupported = tmp_path / "distilbert"
+    DistilBertModel(DistilBertConfig(n_layers=1, dim=8, n_heads=2, hidden_dim=8, vocab_size=20)).save_pretrained(
+        unsupported)
     no_label = write_sentiment_csv(tmp_path / "nolabel.csv", label_column="sentiment")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("user's file")
     capsys.readouterr()  # the progress bars of writing these checkpoints are not the command's output
     cases = [
-        ([gpt, "--data", data, "--out", out], "model type 'gpt2' is not supported"),
+        ([unsupported, "--data", data, "--out", out], "model type 'distilbert' is not supported"),
         ([ckpt, "--data", data, "--target", "flops=0", "--out", out], "greater than 0"),
         ([ckpt, "--data", data, "--target", "params=0.0001", "--out", out], "cannot be met"),
         ([ckpt, "--data", no_label, "--out", out], "no 'label' column"),

@@ -13,6 +13,12 @@ from vtrans.methods import run
 from vtrans.methods import vtrans as vtrans_method
 from vtrans.methods.vtrans import VTransSettings
 
+
+@pytest.fixture(params=["bert", "roberta"])
+def family(request):
+    """Selection is written once for every family; its cases are built for the encoders' cost shares."""
+    return request.param
+
 DEAD_HEAD = (1, 2)  # layer, head: writes nothing
 DEAD_NEURON = (0, 5)  # layer, neuron: writes nothing
 DEAD_BLOCK = 2  # the attention block of this layer writes nothing

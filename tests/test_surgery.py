@@ -1,4 +1,4 @@
-"""Masks, surgery, cost model and save/load on tiny BERT and RoBERTa models built from configs."""
+"""Masks, surgery, cost model and save/load on tiny models of every family, built from configs."""
 import pytest
 import torch
 from conftest import random_kept, tiny_batch, tiny_model
@@ -51,13 +51,13 @@ def test_surgery_gives_smaller_model_with_the_masked_logits(model_and_adapter, s
     assert (got - expected).abs().max() <= 1e-4
 
 
-def test_cost_model_counts_the_real_parameters(model_and_adapter):
+def test_cost_model_counts_the_real_parameters(model_and_adapter, family):
     model, adapter = model_and_adapter
     dims = adapter.dims()
     dense = exact_cost(adapter, Kept.dense(dims), seq_len=16)
     assert dense["params"] == sum(p.numel() for p in model.parameters())
     for seed in range(3):
-        fresh = tiny_model(model.config.model_type)
+        fresh = tiny_model(family)
         fresh_adapter = adapter_for(fresh)
         kept = random_kept(fresh_adapter, seed=seed, drop_blocks=seed != 1)
         predicted = exact_cost(fresh_adapter, kept, seq_len=16)["params"]

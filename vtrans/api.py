@@ -10,20 +10,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoModelForSequenceClassification
 
 from vtrans.arch import Kept, adapter_class_for, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, parse_target
 from vtrans.checkpoint import Checkpoint
-from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, Encoded, demo_path, holdout_split, load_table
+from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, demo_path
 from vtrans.errors import UsageError
-from vtrans.evaluate import accuracy, latency_ms
+from vtrans.evaluate import latency_ms
 from vtrans.methods import METHODS, run
 from vtrans.methods.base import Job
 from vtrans.methods.vtrans import MASK_INITS, VTransSettings
+from vtrans.objectives import OBJECTIVES, objective_for
 from vtrans.report import build_report
 from vtrans.surgery import check_output_dir, load, save
-from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config, load_teacher
+from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config
 from vtrans.training import DISTILL_LAYERS, DistillWeights
 
 
@@ -31,6 +31,7 @@ from vtrans.training import DISTILL_LAYERS, DistillWeights
 class Options:
     """Everything `compress` can be told besides model, data, target, method and out."""
 
+    objective: str = "classification"  # or "lm": plain text, next-token loss, perplexity
     eval_data: str | None = None
     max_length: int = 128  # tokens per example; FLOPs budgets are counted at this length
     batch_size: int = 32
@@ -67,6 +68,7 @@ class Result:
 
 def validate_options(opts: Options) -> None:
     checks = [
+        ("--objective", opts.objective, opts.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         ("--max-length", opts.max_length, opts.max_length >= 2, "at least 2"),
         ("--batch-size", opts.batch_size, opts.batch_size >= 1, "at least 1"),
         ("--holdout", opts.holdout, 0 < opts.holdout < 1, "between 0 and 1"),
@@ -124,8 +126,12 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     budget = parse_target(target, opts.max_length)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
+    objective = objective_for(opts.objective)
+    if data is None and objective.name != "classification":
+        raise UsageError(f"--objective {objective.name} needs --data: plain text (.txt, JSONL with a text field, "
+                         "or a datasets name)")
     identity = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
-        name: getattr(opts, name) for name in ("eval_data", "max_length", "batch_size", "seed", "holdout",
+        name: getattr(opts, name) for name in ("objective", "eval_data", "max_length", "batch_size", "seed", "holdout",
                                                "prune_epochs", "recover_epochs", "data_fraction", *MASK_OPTIONS)}
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", opts.checkpoint_every, identity)
     if checkpoint.exists() and not (opts.resume or opts.overwrite):
@@ -147,31 +153,31 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         raise UsageError(f"--max-length {opts.max_length} exceeds the model's {positions} positions; "
                          "use at most that")
     with init_empty_weights():  # shapes only: is the budget reachable at all?
-        check_reachable(adapter_for(AutoModelForSequenceClassification.from_config(config)), budget,
+        check_reachable(adapter_for(objective.auto_class().from_config(config)), budget,
                         keep_hidden=not METHODS[method].prunes_hidden)
-    train = load_table(data)
+    train = objective.read(data)
     if opts.eval_data:
-        evaluation = load_table(opts.eval_data, split="validation")
+        evaluation = objective.read(opts.eval_data, split="validation")
     else:
-        train, evaluation = holdout_split(train, opts.holdout, opts.seed)
-        say(f"vtrans: no --eval-data: holding out {len(evaluation)} of {len(train) + len(evaluation)} rows "
-            f"({opts.holdout:.0%}, stratified, seed {opts.seed}) of {data} for evaluation")
+        train, evaluation = objective.holdout(train, opts.holdout, opts.seed)
+        say(f"vtrans: no --eval-data: holding out {len(evaluation)} of {len(train) + len(evaluation)} "
+            f"{'rows' if objective.name == 'classification' else 'documents'} ({opts.holdout:.0%}) of {data} "
+            "for evaluation")
 
     seed_everything(opts.seed)
-    teacher = load_teacher(model_name, train, evaluation, opts.max_length, opts.batch_size,
-                           opts.teacher_epochs, opts.teacher_lr, opts.seed, say=say)
+    teacher = objective.load_teacher(model_name, train, evaluation, opts, say=say)
     teacher_adapter = adapter_for(teacher.model)
     teacher.model.requires_grad_(False)
-    encode = lambda table: Encoded(table, teacher.tokenizer, teacher.label_map, opts.max_length)  # noqa: E731
-    eval_loader = encode(evaluation).loader(64)
+    eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64)
 
-    dense_metric = accuracy(teacher.model, eval_loader, "evaluating dense")
+    dense_metric = objective.evaluate(teacher.model, eval_loader, "evaluating dense")
     dense = dense_cost(teacher_adapter, budget.seq_len)
 
     seed_everything(opts.seed)
     student = copy.deepcopy(teacher.model)
     job = Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher.model,
-              budget=budget, train=encode(train), batch_size=opts.batch_size, seed=opts.seed,
+              budget=budget, train=objective.encode(train, teacher, opts.max_length), batch_size=opts.batch_size,
+              seed=opts.seed, objective=objective,
               prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs,
               data_fraction=opts.data_fraction, checkpoint=checkpoint, resume=opts.resume,
               vtrans=mask_settings(opts))
@@ -181,7 +187,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
 
     compressed = outcome.model.eval()
     compressed_cost = exact_cost(teacher_adapter, outcome.kept, budget.seq_len)
-    compressed_metric = accuracy(compressed, eval_loader, "evaluating compressed")
+    compressed_metric = objective.evaluate(compressed, eval_loader, "evaluating compressed")
     latency = latency_ms({"dense": teacher.model, "compressed": compressed}, opts.latency_batch,
                          opts.latency_seq_len, vocab_size=teacher.tokenizer.vocab_size)
     report = build_report(
@@ -190,7 +196,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         compressed_metric=compressed_metric, latency=latency, latency_shape=(opts.latency_batch,
                                                                             opts.latency_seq_len),
         kept=outcome.kept, dense_kept=Kept.dense(teacher_adapter.dims()), compression_seconds=compression_seconds,
-        teacher_cache=teacher.fine_tuned_at, seed=opts.seed, tolerance=TOLERANCE, log=outcome.log)
+        teacher_cache=teacher.fine_tuned_at, seed=opts.seed, tolerance=TOLERANCE, log=outcome.log,
+        query_group=teacher_adapter.dims().query_group)
     save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
          overwrite=opts.overwrite)
     checkpoint.clear()

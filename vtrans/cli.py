@@ -8,6 +8,7 @@ from vtrans.api import MASK_OPTIONS, Options, compress
 from vtrans.errors import UsageError
 from vtrans.methods import METHODS
 from vtrans.methods.vtrans import MASK_INITS
+from vtrans.objectives import OBJECTIVES
 from vtrans.training import DISTILL_LAYERS
 
 DEFAULTS = Options()
@@ -18,7 +19,11 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     how each run trains."""
     parser.add_argument("model", nargs="?", help="Hugging Face name or local path (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--data", help="CSV/TSV/JSONL file with text[, text_pair], label columns, or a datasets "
-                                       "name (default: bundled Rotten Tomatoes demo)")
+                                       "name (default: bundled Rotten Tomatoes demo); for --objective lm, plain "
+                                       "text: .txt, or rows with a text field")
+    parser.add_argument("--objective", default=DEFAULTS.objective, choices=list(OBJECTIVES),
+                        help="classification: labelled text, accuracy; lm: plain text, next-token loss and "
+                             "distillation, perplexity at --max-length tokens (default: classification)")
     parser.add_argument("--eval-data", help="held-out data (default: hold out part of --data, reproducibly)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -56,8 +61,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                        help="hidden states distilled from the teacher (default: all)")
 
 
-RUN_OPTIONS = ("eval_data", "max_length", "batch_size", "seed", "holdout", "teacher_epochs", "prune_epochs",
-               "recover_epochs", "data_fraction", *MASK_OPTIONS)
+RUN_OPTIONS = ("objective", "eval_data", "max_length", "batch_size", "seed", "holdout", "teacher_epochs",
+               "prune_epochs", "recover_epochs", "data_fraction", *MASK_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
-"""Task data: read a CSV / TSV / JSONL file (optionally .gz) or a `datasets` name, check it, tokenize, batch.
+"""Task data: read a CSV / TSV / JSONL / text file (optionally .gz) or a `datasets` name, check it, tokenize,
+batch.
 
-A classification table has a `text` column, an optional `text_pair` column and a `label` column.
+A classification table has a `text` column, an optional `text_pair` column and a `label` column. Plain text for
+language modelling is a .txt file (paragraphs separated by blank lines), or rows with a `text` field.
 """
 from __future__ import annotations
 
@@ -143,8 +145,25 @@ def holdout_split(table: Table, fraction: float, seed: int) -> tuple[Table, Tabl
     return table.subset([i for i in range(len(table)) if i not in held]), table.subset(sorted(held))
 
 
-class Encoded(torch.utils.data.Dataset):
-    """Tokenized examples; batches are padded to their longest member."""
+class Examples(torch.utils.data.Dataset):
+    """A dataset that batches itself. `strata` label each example for stratified samples (one stratum when
+    there are no labels)."""
+
+    strata: list
+
+    def collate(self, items) -> dict:
+        raise NotImplementedError
+
+    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, indices: list[int] | None = None):
+        """Batches of all examples, or of the examples at `indices`."""
+        data = self if indices is None else torch.utils.data.Subset(self, indices)
+        generator = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
+                                           collate_fn=self.collate, generator=generator)
+
+
+class Encoded(Examples):
+    """Tokenized labelled examples; batches are padded to their longest member."""
 
     def __init__(self, table: Table, tokenizer, label_map: dict, max_length: int):
         pair = table.text_pair
@@ -153,6 +172,10 @@ class Encoded(torch.utils.data.Dataset):
         self.labels = [label_map[str(v)] for v in table.labels]
         self.pad = tokenizer.pad
         self.max_length = max_length
+
+    @property
+    def strata(self) -> list:
+        return self.labels
 
     def __len__(self):
         return len(self.features)
@@ -165,9 +188,74 @@ class Encoded(torch.utils.data.Dataset):
         batch["labels"] = torch.tensor([label for _, label in items])
         return dict(batch)
 
-    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, indices: list[int] | None = None):
-        """Batches of all examples, or of the examples at `indices`."""
-        data = self if indices is None else torch.utils.data.Subset(self, indices)
-        generator = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
-                                           collate_fn=self.collate, generator=generator)
+
+@dataclass
+class Text:
+    """Plain text, as documents (paragraphs of a .txt file, or rows' `text`)."""
+
+    documents: list[str]
+    source: str
+
+    def __len__(self):
+        return len(self.documents)
+
+
+def load_text(spec: str, split: str = "train") -> Text:
+    """Read plain text: a .txt file (paragraphs separated by blank lines), rows with a `text` field (JSONL,
+    CSV), or a `datasets` name with a `text` column."""
+    path = Path(spec)
+    name = path.name[:-3] if path.suffix == ".gz" else path.name
+    if path.exists() and name.endswith(".txt"):
+        try:
+            with _open_text(path) as f:
+                content = f.read()
+        except (UnicodeDecodeError, OSError, EOFError) as e:
+            raise UsageError(f"--data {path}: cannot be read ({e}); give UTF-8 text") from None
+        documents = [p.strip() for p in content.replace("\r\n", "\n").split("\n\n")]
+    else:
+        rows = _read_rows(path) if path.exists() else _read_dataset(spec, split)
+        if rows and "text" not in rows[0]:
+            raise UsageError(f"--data {spec}: no 'text' field (found: {', '.join(sorted(map(str, rows[0])))}); "
+                             "give plain text (.txt) or rows with a text field")
+        documents = [str(row["text"]).strip() for row in rows]
+    documents = [d for d in documents if d]
+    if not documents:
+        raise UsageError(f"--data {spec}: no text; give a file with some")
+    return Text(documents, spec)
+
+
+def holdout_text(text: Text, fraction: float) -> tuple[Text, Text]:
+    """The last `fraction` of the documents held out: text that follows, as a language model meets it, and
+    no document split between the two."""
+    held = max(1, round(fraction * len(text)))
+    if held >= len(text):
+        raise UsageError(f"--data {text.source}: too few documents ({len(text)}) to hold out an evaluation part; "
+                         "add text or pass --eval-data")
+    return Text(text.documents[:-held], text.source), Text(text.documents[-held:], text.source)
+
+
+class TextBlocks(Examples):
+    """Plain text as consecutive blocks of `max_length` tokens (documents joined by a blank line, the last
+    partial block dropped). The labels are the tokens themselves: the model's loss is next-token prediction."""
+
+    def __init__(self, text: Text, tokenizer, max_length: int):
+        separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        stream = []
+        for ids in tokenizer(text.documents, add_special_tokens=False)["input_ids"]:
+            stream += ids + separator
+        self.blocks = torch.tensor(stream[: len(stream) // max_length * max_length]).view(-1, max_length)
+        if len(self.blocks) == 0:
+            raise UsageError(f"--data {text.source}: {len(stream)} tokens, fewer than one block of --max-length "
+                             f"{max_length}; give more text or a shorter length")
+        self.max_length = max_length
+        self.strata = [0] * len(self.blocks)
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return self.blocks[i]
+
+    def collate(self, items):
+        input_ids = torch.stack(items)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import platform
+import resource
 from pathlib import Path
 
 import torch
@@ -17,7 +18,9 @@ from vtrans.errors import UsageError
 def build_report(*, method: str, model: str, data: str, eval_data: str, budget: Budget, dense_cost: dict,
                  compressed_cost: dict, dense_metric: dict, compressed_metric: dict, latency: dict,
                  latency_shape: tuple[int, int], kept: Kept, dense_kept: Kept, compression_seconds: float,
-                 teacher_cache: str | None, seed: int, tolerance: float, log: list) -> dict:
+                 teacher_cache: str | None, seed: int, tolerance: float, log: list, query_group: int = 1) -> dict:
+    """`query_group`: query heads per KV head; with grouped-query attention a kept head is a KV head and its
+    query heads, and each layer's record gives both counts."""
     target = budget.fraction(dense_cost)
     achieved = compressed_cost[budget.kind] / dense_cost[budget.kind]
     return {
@@ -35,8 +38,8 @@ def build_report(*, method: str, model: str, data: str, eval_data: str, budget: 
         "speedup": latency["dense"] / latency["compressed"],
         "latency_setting": {"batch": latency_shape[0], "seq_len": latency_shape[1],
                             "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()},
-        "kept": kept.sizes(),
-        "dense_kept": dense_kept.sizes(),
+        "kept": _with_query_heads(kept.sizes(), query_group),
+        "dense_kept": _with_query_heads(dense_kept.sizes(), query_group),
         "kept_units": {"hidden": kept.hidden, "heads": kept.heads, "ffn": kept.ffn},  # dense indices (probe)
         "compression_seconds": compression_seconds,
         # units the budget fix-up added to / removed from the set mask training converged to (VIB methods)
@@ -44,7 +47,17 @@ def build_report(*, method: str, model: str, data: str, eval_data: str, budget: 
                                  if row.get("phase") == "select"), None),
         "teacher_fine_tuned_at": teacher_cache,
         "seed": seed,
+        # the process's peak resident memory (teacher, student and data included), from the OS
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _with_query_heads(sizes: dict, query_group: int) -> dict:
+    if query_group > 1:
+        sizes["query_heads_per_kv_head"] = query_group
+        for layer in sizes["layers"]:
+            layer["query_heads"] = layer["heads"] * query_group
+    return sizes
 
 
 def summary(report: dict, out) -> str:
@@ -52,6 +65,8 @@ def summary(report: dict, out) -> str:
     metric = next(iter(dense["metric"]))
     budget = report["budget"]
     layers = report["kept"]["layers"]
+    group = report["kept"].get("query_heads_per_kv_head", 1)
+    heads = f"KV heads (x{group} query heads)" if group > 1 else "heads"
     per_layer = " ".join(
         f"{layer['heads'] if layer['attention'] else '-'}/{layer['ffn'] if layer['ffn_block'] else '-'}"
         for layer in layers)
@@ -65,9 +80,10 @@ def summary(report: dict, out) -> str:
         f"  latency   {dense['latency_ms']:.1f} ms -> {small['latency_ms']:.1f} ms "
         f"({report['speedup']:.2f}x, batch {report['latency_setting']['batch']} x "
         f"{report['latency_setting']['seq_len']} tokens, measured here)",
-        f"  kept      hidden {report['kept']['hidden']}; heads/FFN per layer: {per_layer}",
+        f"  kept      hidden {report['kept']['hidden']}; {heads}/FFN per layer: {per_layer}",
         *_fixup_line(report.get("selection_fixup")),
-        f"  time      {report['compression_seconds']:.0f} s",
+        f"  time      {report['compression_seconds']:.0f} s; "
+        f"peak memory {report.get('peak_memory_mb', 0) / 1024:.1f} GB",
         f"  load it:  vtrans.load('{out}')",
     ])
 

@@ -123,7 +123,16 @@ def load(path: str | os.PathLike):
     model_class = getattr(transformers, config.architectures[0])
     with init_empty_weights():  # no time spent initialising weights that the checkpoint replaces
         model = model_class(config)
+        adapter = adapter_class_for(config.model_type)(model)
         if record is not None:
-            adapter_class_for(config.model_type)(model).cut(Kept.from_sizes(record["kept"]))
-    model.load_state_dict(read_state_dict(path), strict=True, assign=True)
+            adapter.cut(Kept.from_sizes(record["kept"]))
+    state = read_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = adapter.tied_head()
+    if tied:  # saved once, as the embedding
+        adapter.tie_head()
+        missing = [key for key in missing if key != f"{adapter.head_paths()[-1]}.weight"]
+    if missing or unexpected:
+        raise UsageError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                         "was it written by this version of vtrans?")
     return model.eval()

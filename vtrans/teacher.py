@@ -81,9 +81,12 @@ def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, ba
     except (OSError, ValueError) as e:
         raise UsageError(f"MODEL '{name}' has no usable tokenizer ({str(e).splitlines()[0]}); "
                          "save the tokenizer beside the model") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # decoders (GPT-2) pad with end-of-text
+        tokenizer.pad_token = tokenizer.eos_token
     found = _trained_head(name, config, [train, evaluation])
     if found is not None:
         model, label_map = found
+        model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder classifier finds the last token
         return Teacher(model.eval(), tokenizer, label_map, None)
 
     label_map = label_ids([train, evaluation], None, None)
@@ -100,7 +103,7 @@ def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, ba
         id2label = {i: str(i) for i in range(num_labels)} | {v: str(k) for k, v in label_map.items()}
         model = AutoModelForSequenceClassification.from_pretrained(
             name, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            ignore_mismatched_sizes=True, dtype=torch.float32)
+            pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, dtype=torch.float32)
         torch.manual_seed(seed)
         loader = Encoded(train, tokenizer, label_map, max_length).loader(batch_size, shuffle=True, seed=seed)
         finetune(model, loader, epochs, lr)

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vtrans.checkpoint import Checkpoint, capture, restore
+from vtrans.objectives import Objective
 
 
 def steps_for(epochs: float, loader) -> int:
@@ -109,17 +109,16 @@ def frozen_input_embeddings(model):
         table.requires_grad_(was)
 
 
-def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeights,
+def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeights, objective: Objective,
                  hidden_index: torch.Tensor | None = None, hidden_keep: torch.Tensor | None = None) -> dict:
-    """Task loss + distillation from the teacher's logits and hidden states.
+    """The objective's task loss + distillation from the teacher's logits (as the objective compares them)
+    and hidden states.
 
     `hidden_index` selects the teacher dims that a cut student kept; `hidden_keep` (0/1) restricts the
     comparison for a masked student to its kept dims.
     """
-    t = weights.temperature
-    task = F.cross_entropy(student.logits, labels)
-    logits = F.kl_div(F.log_softmax(student.logits / t, -1), F.log_softmax(teacher.logits / t, -1),
-                      reduction="batchmean", log_target=True) * t * t
+    task = objective.task_loss(student.logits, labels, attention_mask)
+    logits = objective.logits_loss(student.logits, teacher.logits, attention_mask, weights.temperature)
     tokens = attention_mask.unsqueeze(-1).float()
     pairs = list(zip(student.hidden_states, teacher.hidden_states))
     pairs = {"all": pairs, "last": pairs[-1:], "none": []}[weights.layers]
@@ -166,7 +165,7 @@ def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning t
     train_steps(model, loader, steps_for(epochs, loader), lr, lambda batch: {"loss": model(**batch).loss}, desc)
 
 
-def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights,
+def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights, objective: Objective,
             hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None,
             **checkpointing) -> None:
     """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed. `teacher`
@@ -177,6 +176,6 @@ def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWei
         labels = batch.pop("labels")
         target = teacher_outputs(batch)
         return distill_loss(student(**batch, output_hidden_states=True), target, labels,
-                            batch["attention_mask"], weights, hidden_index=hidden_index)
+                            batch["attention_mask"], weights, objective, hidden_index=hidden_index)
     with frozen_input_embeddings(student):
         train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover", **checkpointing)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from vtrans.arch.base import Adapter, Dims, Kept, MaskValues, detach_masks, unit_counts
 from vtrans.arch.bert import BertAdapter
+from vtrans.arch.gpt2 import GPT2Adapter
+from vtrans.arch.llama import LlamaAdapter
 from vtrans.errors import UsageError
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -1,30 +1,47 @@
-"""What every family adapter provides, and the record of what a compressed model keeps.
+"""The family adapter: a model's parts by name plus its traits, with masks, cost, fold and cut written once.
 
-The methods see a model only through this interface: the prunable structures (`Dims`), a way to apply
-masks to the model's forward pass (`attach_masks`), the cost of a given set of structure sizes (`cost`),
-and the surgery that cuts the model down (`cut`). A new family is one new file beside this one.
+A family (arch/bert.py, arch/gpt2.py, arch/llama.py) only says where its parts are and what kind they are
+(`Traits`, `LayerParts`); everything a method does to a model goes through the `Adapter` methods below, so a
+new family of the same shape is a short file.
+
+Where the masks act, for every family:
+  hidden     the output of every norm (embedding norm, each layer's norms, final norm), with the norm's
+             statistics taken over the kept dims only, as the cut model computes them; and the input of the
+             head's later linears (BERT's classifier after the pooler). Every reader of the residual stream
+             is a norm, so dims it drops are never read: in a pre-norm model they may go on holding values.
+  heads      the input of the attention output projection, one value per head unit (a KV head and the
+             query heads that share it under grouped-query attention; one head without GQA)
+  attention  the output of the attention output projection (bias included): the whole attention block
+  ffn        the input of the MLP output projection, one value per neuron
+  ffn_block  the output of the MLP output projection (bias included): the whole MLP block
+Each is a scale on a linear layer's input columns or output rows, or on a norm's affine parameters, so `fold`
+is exact and `cut` only removes rows, columns and norm entries.
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 # The mask groups every adapter exposes. Shapes, for a model of L layers:
-#   hidden (H,), heads (L, n_heads), ffn (L, ffn_size), attention (L,), ffn_block (L,)
+#   hidden (H,), heads (L, head units), ffn (L, ffn_size), attention (L,), ffn_block (L,)
 MASK_GROUPS = ("hidden", "heads", "ffn", "attention", "ffn_block")
 
 
 @dataclass(frozen=True)
 class Dims:
-    """The dense model's prunable sizes."""
+    """The dense model's prunable sizes. A head unit is a KV head with its `query_group` query heads."""
 
     hidden: int
     layers: int
     heads: int
     head_dim: int
     ffn: int
+    query_group: int = 1  # query heads per KV head (1 without grouped-query attention)
 
     def mask_shapes(self) -> dict[str, tuple[int, ...]]:
         return {
@@ -36,9 +53,32 @@ class Dims:
         }
 
 
+@dataclass(frozen=True)
+class Traits:
+    """What kind of parts a family has."""
+
+    norm: str = "layer"  # "layer": LayerNorm (weight, bias); "rms": RMSNorm (weight only)
+    conv1d: bool = False  # linear weights stored (in, out), as GPT-2's Conv1D
+    fused_qkv: bool = False  # one attention input projection writes query, key and value, in that order
+    head_tokens: str = "first"  # tokens the head maps: "first" (a pooled [CLS]) or "all" (every position)
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """Module paths inside one transformer layer."""
+
+    attention: str  # replaced by `EmptyBlock` when the layer keeps no heads
+    attention_inputs: tuple[str, ...]  # query, key, value projections (or the one fused projection)
+    attention_output: str
+    mlp_inputs: tuple[str, ...]  # up projection (and the gate of a gated MLP): one row per neuron each
+    mlp_output: str
+    norms: tuple[str, ...]
+    mlp: str | None = None  # replaced by `EmptyBlock` when the layer keeps no neurons (None: never needed)
+
+
 @dataclass
 class Kept:
-    """Which units survive: indices into the dense model's hidden dims, heads and FFN neurons per layer.
+    """Which units survive: indices into the dense model's hidden dims, head units and FFN neurons per layer.
 
     A layer whose attention (or FFN) block is dropped keeps no heads (or neurons).
     """
@@ -90,14 +130,17 @@ class Kept:
 
     def size_tensors(self) -> dict[str, torch.Tensor]:
         """Counts in the form `Adapter.cost` takes (float tensors, so expected counts fit the same code)."""
-        as_float = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
         return {
-            "hidden": as_float(len(self.hidden)),
-            "heads": as_float([len(h) for h in self.heads]),
-            "ffn": as_float([len(f) for f in self.ffn]),
-            "attention": as_float([float(a) for a in self.attention]),
-            "ffn_block": as_float([float(b) for b in self.ffn_block]),
+            "hidden": _float_tensor(len(self.hidden)),
+            "heads": _float_tensor([len(h) for h in self.heads]),
+            "ffn": _float_tensor([len(f) for f in self.ffn]),
+            "attention": _float_tensor([float(a) for a in self.attention]),
+            "ffn_block": _float_tensor([float(b) for b in self.ffn_block]),
         }
+
+
+def _float_tensor(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def unit_counts(per_unit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,7 +154,7 @@ class MaskValues:
     """The mask values the attached hooks read on each forward pass.
 
     `z[group]` has a leading batch axis of 1 or B (see `Dims.mask_shapes` for the rest); `hidden_keep` is the
-    0/1 set of kept hidden dims, over which LayerNorm statistics are taken so that a masked model equals the
+    0/1 set of kept hidden dims, over which norm statistics are taken so that a masked model equals the
     model cut down to those dims. With `z` None the hooks do nothing and the model is dense.
     """
 
@@ -124,58 +167,419 @@ class MaskValues:
         self.hidden_keep = hidden_keep
 
 
+# -- weights of either orientation ---------------------------------------------------------------------------
+def weight_out_in(linear: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), for nn.Linear and GPT-2's Conv1D (stored (in, out))."""
+    return linear.weight.T if isinstance(linear, Conv1D) else linear.weight
+
+
+def scale_rows(linear: nn.Module, scale: torch.Tensor) -> None:
+    """Multiply output feature i (weight row and bias) by scale[i] (or all of them by a scalar)."""
+    weight_out_in(linear).mul_(scale.unsqueeze(-1) if scale.dim() else scale)
+    if linear.bias is not None:
+        linear.bias.mul_(scale)
+
+
+def scale_columns(linear: nn.Module, scale: torch.Tensor) -> None:
+    """Multiply input feature j's weights by scale[j]."""
+    weight_out_in(linear).mul_(scale)
+
+
+def cut_linear(old: nn.Module, rows=None, cols=None) -> nn.Module:
+    """A new layer of the same kind holding only the given output rows and input columns of `old`."""
+    weight = weight_out_in(old).data
+    bias = old.bias.data if old.bias is not None else None
+    if rows is not None:
+        weight = weight[rows]
+        bias = bias[rows] if bias is not None else None
+    if cols is not None:
+        weight = weight[:, cols]
+    out_features, in_features = weight.shape
+    # the weights are copied in next: no initialisation, and no warning that an empty layer (a block that keeps
+    # no units) cannot be initialised
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        if isinstance(old, Conv1D):  # no device argument: built on the meta device, then given storage
+            with torch.device("meta"):
+                new = Conv1D(out_features, in_features)
+            new = new.to_empty(device=weight.device).to(weight.dtype)
+        else:
+            new = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None,
+                                           device=weight.device, dtype=weight.dtype)
+    weight_out_in(new).data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def cut_norm(old: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """The norm over the kept dims only (LayerNorm or RMSNorm, of any family)."""
+    new = copy.copy(old)  # same class and settings; the parameters are replaced below
+    new._parameters = dict(old._parameters)
+    new.weight = nn.Parameter(old.weight.data[keep].clone())
+    if getattr(old, "bias", None) is not None:
+        new.bias = nn.Parameter(old.bias.data[keep].clone())
+    if isinstance(new, nn.LayerNorm):
+        new.normalized_shape = (len(keep),)
+    return new
+
+
+def cut_embedding(old: nn.Embedding, keep: torch.Tensor) -> nn.Embedding:
+    new = nn.Embedding(old.num_embeddings, len(keep), padding_idx=old.padding_idx,
+                       device=old.weight.device, dtype=old.weight.dtype)
+    new.weight.data.copy_(old.weight.data[:, keep])
+    return new
+
+
+def norm_eps(norm: nn.Module) -> float:
+    return norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+
+
+def masked_norm(norm: nn.Module, rms: bool, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The norm's output with its statistics taken over the kept dims only (keep is 0/1 over the last axis):
+    what the cut model's smaller norm computes on those dims."""
+    count = keep.sum().clamp(min=1)
+    dtype, x = x.dtype, x.float()
+    if rms:  # x / sqrt(mean(x^2) + eps) * weight
+        mean_square = (x.square() * keep).sum(-1, keepdim=True) / count
+        return norm.weight * (x * torch.rsqrt(mean_square + norm_eps(norm))).to(dtype)
+    mean = (x * keep).sum(-1, keepdim=True) / count
+    var = ((x - mean).square() * keep).sum(-1, keepdim=True) / count
+    out = (x - mean) * torch.rsqrt(var + norm_eps(norm)) * norm.weight
+    return out + norm.bias if norm.bias is not None else out
+
+
+class EmptyBlock(nn.Module):
+    """Stands in for an attention (or MLP) module that keeps no heads (or neurons): it contributes only its
+    output projection's bias, zero once the block is dropped. The projection, when it lives inside the
+    replaced module, stays under its own name, so the state dict keeps its keys; when it lives outside
+    (BERT), this gives the projection an input of width 0."""
+
+    def __init__(self, output_name: str | None = None, output: nn.Module | None = None, attention: bool = True):
+        super().__init__()
+        self.output_name = output_name
+        self.attention = attention  # attention modules return (output, attention weights)
+        if output is not None:
+            self.add_module(output_name, output)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.output_name is None:
+            out = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+        else:  # the projection's output for an empty input (GPT-2's Conv1D cannot take a width of 0)
+            output = getattr(self, self.output_name)
+            width = weight_out_in(output).shape[0]
+            bias = output.bias if output.bias is not None else hidden_states.new_zeros(width)
+            out = bias.expand(*hidden_states.shape[:-1], width).clone()
+        return (out, None) if self.attention else out
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the cost model needs to know of the dense model beyond `Dims`: which linears have biases (1.0) or
+    not (0.0), the embedding tables' rows, the head's outputs and whether it is tied to the embedding."""
+
+    bias: dict[str, float]
+    embedding_rows: int
+    head_biases: list[float]
+    head_outputs: int
+    tied_head: bool
+
+
 class Adapter:
-    """One per family. Subclasses set `family` and implement the methods below."""
+    """One per family. A family sets the class attributes and the few methods marked "family" below."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()  # the config.model_type values this adapter handles
+    traits: Traits = Traits()
+    layer_parts: LayerParts
+    layers_path: str = ""  # the transformer layers, from the base model
+    embeddings: tuple[str, ...] = ()  # every embedding table of width hidden, from the base model
+    embedding_norm: str | None = None  # a norm right after the embeddings (post-norm encoders)
+    final_norm: str | None = None  # a norm after the last layer (pre-norm models)
 
     def __init__(self, model: nn.Module):
+        """`model` is dense (or an empty-weights skeleton of it): its sizes are read once, here."""
         self.model = model
+        self.base = model.base_model
+        self._dims = self._read_dims()
+        self._shape = self._read_shape()
 
-    def dims(self) -> Dims:
+    # -- family ------------------------------------------------------------------------------------------
+    def head_paths(self) -> tuple[str, ...]:
+        """The head's linears, from the model, in order: each but the last maps hidden to hidden, the last maps
+        hidden to the outputs (labels or vocabulary). Its first reads the last norm's output."""
         raise NotImplementedError
+
+    def head_logits(self, last_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The task logits from the last layer's output (what the model does after the layers)."""
+        raise NotImplementedError
+
+    def resize_attention(self, attention: nn.Module, heads: int) -> None:
+        """Update attributes a cut attention module keeps about its own size (nothing for most families)."""
 
     @staticmethod
     def max_tokens(config) -> int:
         """The longest sequence the model's position embeddings allow."""
         return config.max_position_embeddings
 
-    def attach_masks(self, values: MaskValues) -> list:
-        """Register hooks that apply `values` in the forward pass; returns the hook handles."""
-        raise NotImplementedError
-
-    def cost(self, sizes: dict[str, torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
-        """{'params', 'flops'} of a model keeping `sizes` (counts, or expected counts: differentiable)."""
-        raise NotImplementedError
-
-    def fold(self, scale: dict[str, torch.Tensor]) -> None:
-        """Multiply each unit's mask value into the weights, so the unmasked model equals the masked one."""
-        raise NotImplementedError
-
-    def cut(self, kept: Kept) -> None:
-        """Replace every pruned layer by a smaller dense one holding only the kept units (in place)."""
-        raise NotImplementedError
-
+    # -- parts -------------------------------------------------------------------------------------------
     def layer_modules(self) -> nn.ModuleList:
         """The transformer layers, in order: each maps the residual stream to the next."""
-        raise NotImplementedError
+        return self.base.get_submodule(self.layers_path)
 
-    def unit_linears(self, layer: int) -> dict[str, tuple[list[nn.Linear], nn.Linear]]:
-        """For 'heads' and 'ffn' of a dense layer: the linears whose output rows make the units (head_dim rows
-        per head, in head order) and the linear that reads them as input columns, whose output is the sum of
-        the units' contributions plus its bias. Weight-based methods (magnitude, Fisher's rescaling) use it."""
-        raise NotImplementedError
+    def part(self, layer: int, path: str) -> nn.Module:
+        return self.layer_modules()[layer].get_submodule(path)
 
-    def head_logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """The task logits from the last layer's output (what the model's head does after the layers)."""
-        raise NotImplementedError
+    def _replace(self, root: nn.Module, path: str, module: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, name, module)
+
+    def head(self) -> list[nn.Module]:
+        return [self.model.get_submodule(path) for path in self.head_paths()]
+
+    def norms(self) -> list[nn.Module]:
+        """Every norm, in forward order; each reads the residual stream."""
+        norms = [self.base.get_submodule(self.embedding_norm)] if self.embedding_norm else []
+        for layer in self.layer_modules():
+            norms += [layer.get_submodule(path) for path in self.layer_parts.norms]
+        return norms + ([self.base.get_submodule(self.final_norm)] if self.final_norm else [])
+
+    def tied_head(self) -> bool:
+        """Whether the last head linear shares its weight with the input embedding (GPT-2, small LLaMAs), as
+        the config says: a model built without weights is not tied yet."""
+        tied_keys = getattr(self.model, "_tied_weights_keys", None) or {}
+        return bool(getattr(self.model.config, "tie_word_embeddings", False)
+                    and f"{self.head_paths()[-1]}.weight" in tied_keys)
+
+    @staticmethod
+    def ffn_size(config) -> int:
+        return config.intermediate_size
+
+    def dims(self) -> Dims:
+        """The dense model's sizes (also after a cut)."""
+        return self._dims
+
+    def _read_dims(self) -> Dims:
+        config = self.model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return Dims(hidden=config.hidden_size, layers=len(self.layer_modules()), heads=kv_heads, head_dim=head_dim,
+                    ffn=self.ffn_size(config), query_group=heads // kv_heads)
+
+    def _read_shape(self) -> "Shape":
+        parts, layer = self.layer_parts, self.layer_modules()[0]
+
+        def has_bias(path):
+            return float(layer.get_submodule(path).bias is not None)
+
+        inputs = [has_bias(path) for path in parts.attention_inputs]
+        query, key, value = inputs * 3 if self.traits.fused_qkv else inputs
+        head = self.head()
+        return Shape(
+            bias={"query": query, "key": key, "value": value,
+                  "attention_output": has_bias(parts.attention_output),
+                  "mlp_input": has_bias(parts.mlp_inputs[0]), "mlp_output": has_bias(parts.mlp_output)},
+            embedding_rows=sum(self.base.get_submodule(path).num_embeddings for path in self.embeddings),
+            head_biases=[float(linear.bias is not None) for linear in head],
+            head_outputs=weight_out_in(head[-1]).shape[0],
+            tied_head=self.tied_head(),
+        )
+
+    def attention_rows(self, heads: list[int] | torch.Tensor, dims: Dims) -> list[torch.Tensor]:
+        """Per attention input projection, the output rows that belong to the given head units: a unit owns
+        query_group * head_dim query rows and head_dim key and value rows. A fused projection holds all the
+        query rows, then all the key rows, then all the value rows."""
+        heads = torch.as_tensor(heads, dtype=torch.long)
+        widths = [dims.query_group * dims.head_dim, dims.head_dim, dims.head_dim]  # query, key, value per unit
+        rows = [_unit_rows(heads, width) for width in widths]
+        if not self.traits.fused_qkv:
+            return rows
+        offsets = [0, dims.heads * widths[0], dims.heads * (widths[0] + widths[1])]
+        return [torch.cat([r + offset for r, offset in zip(rows, offsets)])]
+
+    def unit_linears(self, layer: int) -> dict[str, tuple[list[tuple[nn.Module, torch.Tensor]], nn.Module, int]]:
+        """For 'heads' and 'ffn' of a dense layer: the writers (each linear with its output rows per unit, shaped
+        (units, rows)), the linear that reads the units as contiguous input columns (its output is the sum of
+        the units' contributions plus its bias), and the reader's columns per unit. Weight-based methods use it."""
+        dims, parts = self.dims(), self.layer_parts
+        rows = self.attention_rows(torch.arange(dims.heads), dims)
+        if self.traits.fused_qkv:  # (query | key | value, units, width) -> (units, all of a unit's rows)
+            rows = [rows[0].view(3, dims.heads, -1).transpose(0, 1).flatten(1)]
+        else:
+            rows = [r.view(dims.heads, -1) for r in rows]
+        head_writers = [(self.part(layer, path), r) for path, r in zip(parts.attention_inputs, rows)]
+        neuron_writers = [(self.part(layer, path), torch.arange(dims.ffn).unsqueeze(1)) for path in parts.mlp_inputs]
+        return {"heads": (head_writers, self.part(layer, parts.attention_output), dims.query_group * dims.head_dim),
+                "ffn": (neuron_writers, self.part(layer, parts.mlp_output), 1)}
 
     def minimal_kept(self) -> Kept:
         """The smallest model the structures allow: one hidden dim, no attention or FFN blocks."""
         dims = self.dims()
         return Kept(hidden=[0], heads=[[]] * dims.layers, ffn=[[]] * dims.layers,
                     attention=[False] * dims.layers, ffn_block=[False] * dims.layers)
+
+    # -- masks -------------------------------------------------------------------------------------------
+    def attach_masks(self, values: MaskValues) -> list:
+        """Register hooks that apply `values` in the forward pass; returns the hook handles."""
+        dims, parts = self.dims(), self.layer_parts
+        rms = self.traits.norm == "rms"
+
+        def scale(group, index=None, per_unit=1):
+            """A function multiplying a tensor's last axis (or all of it) by the current mask values."""
+            def apply(x):
+                z = values.z[group]
+                z = z[:, index] if index is not None else z
+                if per_unit > 1:
+                    z = z.repeat_interleave(per_unit, dim=-1)
+                if z.dim() == 1:  # one value per example: a whole block
+                    z = z[:, None]
+                while z.dim() < x.dim():
+                    z = z.unsqueeze(1)
+                return x * z.to(x.dtype)
+            return apply
+
+        def on_output(fn):
+            def hook(module, args, output):
+                return None if values.z is None else fn(output)
+            return hook
+
+        def on_input(fn):
+            def hook(module, args):
+                return None if values.z is None else (fn(args[0]),) + tuple(args[1:])
+            return hook
+
+        def norm_hook(module, args, output):
+            if values.z is None:
+                return None
+            out = masked_norm(module, rms, args[0], values.hidden_keep)
+            return scale("hidden")(out).to(output.dtype)
+
+        handles = [norm.register_forward_hook(norm_hook) for norm in self.norms()]
+        for i in range(dims.layers):
+            attention_output, mlp_output = self.part(i, parts.attention_output), self.part(i, parts.mlp_output)
+            handles += [
+                attention_output.register_forward_pre_hook(
+                    on_input(scale("heads", i, dims.query_group * dims.head_dim))),
+                attention_output.register_forward_hook(on_output(scale("attention", i))),
+                mlp_output.register_forward_pre_hook(on_input(scale("ffn", i))),
+                mlp_output.register_forward_hook(on_output(scale("ffn_block", i))),
+            ]
+        handles += [linear.register_forward_pre_hook(on_input(scale("hidden"))) for linear in self.head()[1:]]
+        return handles
+
+    # -- cost --------------------------------------------------------------------------------------------
+    def cost(self, sizes: dict[str, torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
+        """Parameters and FLOPs of a model keeping `sizes` (counts, or expected counts: differentiable).
+
+        FLOPs are 2 x the multiply-adds of every matmul for one sequence of s tokens (norms, activations and
+        softmax left out), as in Kaplan et al. 2020, section 2.1: per layer 2 s (weights of the layer) for the
+        projections, plus 2 s^2 (query width) each for the attention scores and their weighted sum."""
+        dims, shape = self.dims(), self._shape
+        h = sizes["hidden"]
+        heads = sizes["heads"] * sizes["attention"]  # head units per layer
+        query_width = heads * dims.query_group * dims.head_dim
+        key_width = heads * dims.head_dim  # and as many value rows
+        ffn = sizes["ffn"] * sizes["ffn_block"]
+        mlp_inputs = len(self.layer_parts.mlp_inputs)
+        layer_weights = h * (query_width + 2 * key_width) + query_width * h + mlp_inputs * h * ffn + ffn * h
+        layer_biases = (query_width * shape.bias["query"] + key_width * (shape.bias["key"] + shape.bias["value"])
+                        + h * shape.bias["attention_output"] + mlp_inputs * ffn * shape.bias["mlp_input"]
+                        + h * shape.bias["mlp_output"])
+        layer_params = layer_weights + layer_biases + len(self.layer_parts.norms) * self._norm_params(h)
+        base_norms = (self.embedding_norm is not None) + (self.final_norm is not None)
+        head_params, head_weights = self._head_cost(h)
+        params = shape.embedding_rows * h + base_norms * self._norm_params(h) + layer_params.sum() + head_params
+        s = seq_len
+        head_tokens = s if self.traits.head_tokens == "all" else 1
+        flops = (2 * s * layer_weights + 2 * 2 * s * s * query_width).sum() + 2 * head_tokens * head_weights
+        return {"params": params, "flops": flops}
+
+    def _norm_params(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.traits.norm == "rms" else 2 * h
+
+    def _head_cost(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(parameters, weights multiplied per token) of the head at hidden width h."""
+        params = weights = torch.zeros((), dtype=torch.float64)
+        for has_bias in self._shape.head_biases[:-1]:  # hidden -> hidden
+            weights = weights + h * h
+            params = params + h * h + h * has_bias
+        outputs = self._shape.head_outputs
+        weights = weights + h * outputs
+        if not self._shape.tied_head:  # a tied head's weight is the embedding's, counted there
+            params = params + h * outputs + outputs * self._shape.head_biases[-1]
+        return params, weights
+
+    # -- surgery -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold(self, scale: dict[str, torch.Tensor]) -> None:
+        """Multiply each unit's mask value into the weights, so the unmasked model equals the masked one."""
+        dims, parts = self.dims(), self.layer_parts
+        hidden = scale["hidden"]
+        for norm in self.norms():
+            norm.weight.mul_(hidden)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.mul_(hidden)
+        for linear in self.head()[1:]:
+            scale_columns(linear, hidden)
+        for i in range(dims.layers):
+            attention_output, mlp_output = self.part(i, parts.attention_output), self.part(i, parts.mlp_output)
+            scale_columns(attention_output, scale["heads"][i].repeat_interleave(dims.query_group * dims.head_dim))
+            scale_rows(attention_output, scale["attention"][i])
+            scale_columns(mlp_output, scale["ffn"][i])
+            scale_rows(mlp_output, scale["ffn_block"][i])
+
+    @torch.no_grad()
+    def cut(self, kept: Kept) -> None:
+        """Replace every pruned layer by a smaller dense one holding only the kept units (in place)."""
+        dims, parts = self.dims(), self.layer_parts
+        tied = self._shape.tied_head
+        h = torch.tensor(kept.hidden, dtype=torch.long)
+        for path in self.embeddings:
+            self._replace(self.base, path, cut_embedding(self.base.get_submodule(path), h))
+        if self.embedding_norm:
+            self._replace(self.base, self.embedding_norm, cut_norm(self.base.get_submodule(self.embedding_norm), h))
+        if self.final_norm:
+            self._replace(self.base, self.final_norm, cut_norm(self.base.get_submodule(self.final_norm), h))
+        for layer, heads, ffn in zip(self.layer_modules(), kept.heads, kept.ffn):
+            for path in parts.norms:
+                self._replace(layer, path, cut_norm(layer.get_submodule(path), h))
+            columns = _unit_rows(torch.tensor(heads, dtype=torch.long), dims.query_group * dims.head_dim)
+            for path, rows in zip(parts.attention_inputs, self.attention_rows(heads, dims)):
+                self._replace(layer, path, cut_linear(layer.get_submodule(path), rows, h))
+            self._replace(layer, parts.attention_output, cut_linear(layer.get_submodule(parts.attention_output),
+                                                                    h, columns))
+            if heads:
+                self.resize_attention(layer.get_submodule(parts.attention), len(heads))
+            else:
+                self._replace(layer, parts.attention, _empty_block(layer, parts.attention, parts.attention_output))
+            neurons = torch.tensor(ffn, dtype=torch.long)
+            for path in parts.mlp_inputs:
+                self._replace(layer, path, cut_linear(layer.get_submodule(path), neurons, h))
+            self._replace(layer, parts.mlp_output, cut_linear(layer.get_submodule(parts.mlp_output), h, neurons))
+            if not ffn and parts.mlp is not None:
+                self._replace(layer, parts.mlp, _empty_block(layer, parts.mlp, parts.mlp_output, attention=False))
+        head_paths = self.head_paths()
+        for path in head_paths[:-1]:
+            self._replace(self.model, path, cut_linear(self.model.get_submodule(path), h, h))
+        self._replace(self.model, head_paths[-1], cut_linear(self.model.get_submodule(head_paths[-1]), None, h))
+        if tied:
+            self.tie_head()
+
+    def tie_head(self) -> None:
+        """Make the head's last linear share the input embedding's weight again (a tied head is saved once)."""
+        self.head()[-1].weight = self.base.get_submodule(self.embeddings[0]).weight
+
+
+def _empty_block(layer: nn.Module, block: str, output: str, attention: bool = True) -> EmptyBlock:
+    if output.startswith(block + "."):  # the output projection lives inside the block's module
+        return EmptyBlock(output.removeprefix(block + "."), layer.get_submodule(output), attention)
+    return EmptyBlock(attention=attention)
+
+
+def _unit_rows(units: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:
+    """The rows (or columns) of the given units when each owns `width` consecutive ones after `offset`."""
+    return (offset + units.unsqueeze(1) * width + torch.arange(width)).flatten()
 
 
 def detach_masks(handles: list) -> None:

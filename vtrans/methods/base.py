@@ -15,7 +15,9 @@ from torch import nn
 from vtrans.arch import Adapter, Kept
 from vtrans.budget import Budget
 from vtrans.checkpoint import Checkpoint
-from vtrans.data import Encoded, stratified_indices
+from vtrans.data import Examples, stratified_indices
+from vtrans.objectives import Objective
+from vtrans.objectives.classification import Classification
 from vtrans.surgery import cut_model
 from vtrans.training import TeacherOutputs, distill, steps_for
 
@@ -33,7 +35,7 @@ class Job:
     adapter: Adapter  # the student's adapter
     teacher: nn.Module  # the dense model, frozen, in eval mode
     budget: Budget
-    train: Encoded
+    train: Examples
     batch_size: int = 32
     seed: int = 0
     prune_epochs: float | None = None  # None: the method's default
@@ -42,10 +44,12 @@ class Job:
     checkpoint: Checkpoint | None = None  # where training state is saved every N steps
     resume: bool = False  # continue from the checkpoint
     vtrans: VTransSettings | None = None  # mask training settings (None: the defaults)
+    objective: Objective = field(default_factory=Classification)  # the task's losses
+
 
     def loader(self, fraction: float = 1.0):
         """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it."""
-        indices = stratified_indices(self.train.labels, fraction, self.seed) if fraction < 1 else None
+        indices = stratified_indices(self.train.strata, fraction, self.seed) if fraction < 1 else None
         return self.train.loader(self.batch_size, shuffle=True, seed=self.seed, indices=indices)
 
 
@@ -107,7 +111,7 @@ def run(job: Job, method: Method) -> Outcome:
 
         settings = VTransSettings()
     distill(job.model, teacher, loader, steps_for(method.recover_epochs(job), loader), settings.recover_lr,
-            settings.distill, hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
+            settings.distill, job.objective, hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
             desc=f"{job.method}: recovering", log=log, checkpoint=job.checkpoint, state=state,
             extra={"kept": vars(kept)})
     return Outcome(model=job.model, kept=kept, log=log)

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vtrans.arch import Kept, MaskValues, detach_masks
+from vtrans.arch.base import weight_out_in
 from vtrans.budget import select_kept
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import keep_structure_of, score_log, search_kept
@@ -30,10 +31,6 @@ def choose_random(job: Job, *_) -> Choice:
     return Choice(kept=select_kept(job.adapter, keep_structure_of(scores, dims), job.budget))
 
 
-def _unit_width(dims, group: str) -> int:
-    return dims.head_dim if group == "heads" else 1
-
-
 @torch.no_grad()
 def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
     """Squared L2 norm of every weight and bias that writes or reads a unit, per head and neuron. Squared
@@ -41,15 +38,16 @@ def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
     dims = adapter.dims()
     scores = {}
     for group in GROUPS:
-        width, rows = _unit_width(dims, group), []
+        rows = []
         for i in range(dims.layers):
-            writers, reader = adapter.unit_linears(i)[group]
-            per_row = reader.weight.square().sum(0)
-            for linear in writers:
-                per_row = per_row + linear.weight.square().sum(1)
+            writers, reader, width = adapter.unit_linears(i)[group]
+            per_unit = weight_out_in(reader).square().sum(0).view(-1, width).sum(1)  # the columns reading a unit
+            for linear, unit_rows in writers:  # the rows writing it: (units, rows per unit)
+                per_row = weight_out_in(linear).square().sum(1)
                 if linear.bias is not None:
                     per_row = per_row + linear.bias.square()
-            rows.append(per_row.view(-1, width).sum(1))
+                per_unit = per_unit + per_row[unit_rows].sum(1)
+            rows.append(per_unit)
         scores[group] = torch.stack(rows)
     return scores
 
@@ -72,17 +70,25 @@ def _sample_loader(job: Job, samples: int):
     return job.loader(min(1.0, samples / len(job.train)))
 
 
-def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int | None = None
+def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int | None = None,
+                  at: dict[str, torch.Tensor] | None = None, size: dict[str, torch.Tensor] | None = None
                   ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of the mask variables of `groups` over the loader's first batches (about
-    `limit` examples): squared per-example gradients of the task loss with respect to a mask value of 1, summed.
+    `limit` examples): squared per-example gradients of the task loss with respect to the mask values, summed.
     Each example has its own row of mask variables (the masks' batch axis), so one backward pass gives
-    every example's gradient."""
+    every example's gradient.
+
+    By default the gradients are taken at the dense model (every mask value 1). Given `at` (mask values, 0 for
+    dropped units) and `size` (each unit's value when kept), they are taken at that masked model and scaled
+    by `size`: (g * size)^2 is the first-order change in loss from removing a kept unit, or from adding back
+    a dropped one."""
     model, adapter = job.model, job.adapter
     was_training = model.training
     model.eval()
     dims = adapter.dims()
     fisher = {group: torch.zeros(dims.mask_shapes()[group]) for group in groups}
+    at = at or {name: torch.ones(shape) for name, shape in dims.mask_shapes().items()}
+    hidden_keep = (at["hidden"] != 0).float()
     values = MaskValues()
     handles = adapter.attach_masks(values)
     batches = len(loader) if limit is None else min(len(loader), math.ceil(limit / loader.batch_size))
@@ -90,13 +96,14 @@ def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int
         for batch in tqdm(itertools.islice(loader, batches), total=batches, desc=f"{job.method}: Fisher information",
                           dynamic_ncols=True):
             b = batch["input_ids"].shape[0]
-            z = {name: torch.ones(b, *shape, requires_grad=name in groups)
-                 for name, shape in dims.mask_shapes().items()}
-            values.set(z, torch.ones(dims.hidden))
+            z = {name: value.detach().expand(b, *value.shape).clone().requires_grad_(name in groups)
+                 for name, value in at.items()}
+            values.set(z, hidden_keep)
             loss = model(**batch).loss * b  # the model's own task loss, summed over the batch
             grads = torch.autograd.grad(loss, [z[group] for group in groups])
             for group, grad in zip(groups, grads):
-                fisher[group] += grad.square().sum(0)
+                scaled = grad if size is None else grad * size[group]
+                fisher[group] += scaled.square().sum(0)
     finally:
         detach_masks(handles)
         values.set(None)
@@ -127,9 +134,9 @@ def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, t
                 units = torch.tensor(kept.heads[i] if group == "heads" else kept.ffn[i], dtype=torch.long)
                 if len(units) == 0:
                     continue
+                _, reader, width = adapter.unit_linears(i)[group]
                 gram, rhs, target_energy = _normal_equations(
-                    job, loader, values, scale, adapter.unit_linears(i)[group][1],
-                    teacher_adapter.unit_linears(i)[group][1], units, _unit_width(dims, group))
+                    job, loader, values, scale, reader, teacher_adapter.unit_linears(i)[group][1], units, width)
                 damping = settings.ridge * gram.diagonal().mean() * torch.eye(len(units), dtype=gram.dtype)
                 solution = torch.linalg.solve(gram + damping, rhs)
                 ones = torch.ones_like(solution)
@@ -158,7 +165,8 @@ def _normal_equations(job, loader, values, scale, reader, teacher_reader, units,
     hooks = [reader.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0])),
              teacher_reader.register_forward_hook(lambda m, args, out: captured.__setitem__("y", out))]
     n = len(units)
-    weight = reader.weight.view(reader.out_features, -1, width)[:, units].flatten(1).double()  # (H, n*w)
+    weight = weight_out_in(reader)
+    weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).double()  # (H, n*w)
     weight_gram = weight.T @ weight  # (n*w, n*w): W_u^T W_v blocks
     bias = reader.bias if reader.bias is not None else 0
     inputs_gram, rhs, energy = torch.zeros_like(weight_gram), torch.zeros(n * width, dtype=torch.float64), 0.0

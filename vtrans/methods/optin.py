@@ -10,11 +10,13 @@ dimension is not pruned (OPTIN's scores are for heads and neurons).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
 
 from vtrans.arch import MaskValues, detach_masks
 from vtrans.data import stratified_indices
@@ -37,9 +39,18 @@ def _token_gram(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _repeat(value, copies: int, batch: int):
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+    """A layer argument for `copies` copies of the batch (tensors with a batch axis, and tuples of them)."""
+    if isinstance(value, tuple):  # e.g. rotary (cos, sin)
+        return tuple(_repeat(v, copies, batch) for v in value)
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
         return value.repeat(copies, *([1] * (value.dim() - 1)))
     return value
+
+
+def _no_cache(value):
+    """None for a decoder's key/value cache: the layers are replayed many times here and must not append to it
+    (GPT-2 passes it by position, LLaMA by name)."""
+    return None if isinstance(value, Cache) else value
 
 
 @torch.no_grad()
@@ -49,16 +60,19 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     dims = adapter.dims()
     layers = adapter.layer_modules()
     fraction = min(1.0, settings.calibration_samples / len(job.train))
-    indices = stratified_indices(job.train.labels, fraction, job.seed)
+    indices = stratified_indices(job.train.strata, fraction, job.seed)
     batch = job.train.collate([job.train[i] for i in indices])
     batch.pop("labels")
     b = batch["input_ids"].shape[0]
     tokens = batch["attention_mask"].unsqueeze(-1).float()
 
     captured = {}  # each layer's call: (args, kwargs) of the dense forward
-    hooks = [layer.register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: captured.__setitem__(i, (args, kwargs)), with_kwargs=True)
-        for i, layer in enumerate(layers)]
+
+    def capture(module, args, kwargs, i):
+        captured[i] = (tuple(map(_no_cache, args)), {k: _no_cache(v) for k, v in kwargs.items()})
+
+    hooks = [layer.register_forward_pre_hook(functools.partial(capture, i=i), with_kwargs=True)
+             for i, layer in enumerate(layers)]
     try:
         reference = model(**batch, output_hidden_states=True)
     finally:
@@ -94,8 +108,13 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
                         gram = _token_gram(hidden, tokens.repeat(copies, 1, 1))
                         diff = (gram - reference_grams[j].repeat(copies, 1, 1)).square().sum((1, 2))
                         distance += diff / pairs.repeat(copies)
-                    logp = F.log_softmax(adapter.head_logits(hidden) / settings.temperature, -1)
-                    kl = F.kl_div(logp, reference_logp.repeat(copies, 1), reduction="none", log_target=True).sum(-1)
+                    logits = adapter.head_logits(hidden, _repeat(batch["attention_mask"], copies, b))
+                    logp = F.log_softmax(logits / settings.temperature, -1)
+                    reference_rows = reference_logp.repeat(copies, *([1] * (reference_logp.dim() - 1)))
+                    kl = F.kl_div(logp, reference_rows, reduction="none", log_target=True).sum(-1)
+                    if kl.dim() > 1:  # a distribution per token (language models): the mean over real tokens
+                        real = tokens.repeat(copies, 1, 1).squeeze(-1)
+                        kl = (kl * real).sum(-1) / real.sum(-1)
                     distance += settings.logit_weight * kl.clamp(min=0)  # rounding can dip below 0
                     scores[group][i, units] = distance.view(copies, b).mean(1)
                     progress.update()

@@ -16,8 +16,9 @@ Pruning runs in two phases over its steps:
            learning. With frozen weights this is where the kept units' scales adapt to their lost neighbours.
 
 The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), blocks kept
-while most of their contents are (budget.hierarchical_keep), then brought within the budget judging units
-by keep probability per cost (budget.select_kept); the log records how many units that fix-up moved.
+while most of their contents are (budget.hierarchical_keep), then brought within the budget (budget.select_kept)
+judging units by their first-order effect on the loss at that kept set, per cost (`choose`); the log records
+how many units that fix-up moved.
 
 Warm start (`mask_init="fisher"`): Adam moves every log_alpha by about the same step, so units started
 equal cross the threshold together and the expected cost collapses. Instead each unit starts at a
@@ -34,6 +35,7 @@ from torch import nn
 
 from vtrans.arch import MaskValues, detach_masks
 from vtrans.budget import (
+    BLOCK_CONTENTS,
     Selection,
     dense_cost,
     exact_cost,
@@ -53,6 +55,7 @@ MASK_INITS = ("fisher", "uniform")
 # Initial log_alpha: units a one-shot choice would drop start in [LOW, LOW + SPREAD), the others in
 # [HIGH, HIGH + SPREAD); uniform starts every unit at UNIFORM.
 LOW, HIGH, SPREAD, UNIFORM = 1.0, 5.0, 2.0, 6.0
+UNIT_GROUPS = ("hidden", "heads", "ffn")  # the groups Fisher information scores (blocks are worth what they hold)
 
 
 @dataclass
@@ -67,7 +70,7 @@ class VTransSettings:
     settle: float | None = None  # share of the steps with the kept set fixed; None: 0.25 if weights frozen, else 0
     temperature: float = 1.0  # of the keep probability sigmoid(log_alpha / T) in the expected cost
     mask_init: str = "fisher"  # or "uniform"
-    init_samples: int = 512  # examples for the Fisher warm start
+    init_samples: int = 512  # examples for the Fisher warm start and for the budget fix-up's scores
     log_every: int = 10
     distill: DistillWeights = field(default_factory=DistillWeights)
 
@@ -100,12 +103,7 @@ class Lagrangian(nn.Module):
 def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     """Initial log_alpha per unit from Fisher information per cost (see the module docstring)."""
     dims = job.adapter.dims()
-    # batches of the same data in an order of their own: the training loader's shuffle stays untouched, so a
-    # resumed run (which skips this) sees the batches an uninterrupted one does
-    own_order = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
-                                            collate_fn=loader.collate_fn,
-                                            generator=torch.Generator().manual_seed(job.seed))
-    fisher = fisher_scores(job, own_order, ("hidden", "heads", "ffn"), limit=samples)
+    fisher = fisher_scores(job, _own_order(job, loader), UNIT_GROUPS, limit=samples)
     worth = fisher | {"attention": torch.full((dims.layers,), float("inf")),
                       "ffn_block": torch.full((dims.layers,), float("inf"))}
     dropped = {name: ~keep for name, keep in _keep_tensors(select_kept(job.adapter, worth, job.budget), dims).items()}
@@ -123,17 +121,34 @@ def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     return init
 
 
+def _own_order(job: Job, loader):
+    """Batches of the same data in an order of their own: the training loader's shuffle stays untouched, so a
+    resumed run (which skips what uses this) sees the batches an uninterrupted one does."""
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                                       collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(job.seed))
+
+
 def _keep_tensors(kept, dims) -> dict[str, torch.Tensor]:
     return {name: value.bool() for name, value in indicators(kept, dims).items()}
 
 
-def choose(job: Job, masks: VIBMasks) -> tuple[dict[str, torch.Tensor], dict]:
-    """The kept set at the end of the search (as 0/1 tensors) and how far the budget fix-up moved it."""
-    log_alpha = masks.log_alphas()
-    start = hierarchical_keep(log_alpha)
-    worth = {name: torch.sigmoid(value) for name, value in log_alpha.items()}
+def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The kept set at the end of the search (as 0/1 tensors) and how far the budget fix-up moved it.
+
+    The fix-up judges units by their first-order effect on the loss at the searched model (Fisher information
+    at the kept set, scaled by mu), per cost: keep probabilities saturate near 1, so per cost they would only
+    say which units are expensive."""
+    dims = job.adapter.dims()
+    start = hierarchical_keep(masks.log_alphas())
+    mu = {name: m.mu.detach() for name, m in masks.groups.items()}
+    kept_blocks = {name: keep.float() for name, keep in start.items()}
+    for block, contents in BLOCK_CONTENTS.items():
+        kept_blocks[contents] = kept_blocks[contents] * kept_blocks[block].unsqueeze(-1)
+    at = {name: mu[name] * kept_blocks[name] for name in mu}
+    worth = fisher_scores(job, _own_order(job, loader), UNIT_GROUPS, limit=samples, at=at, size=mu)
+    worth |= {block: torch.zeros(dims.layers) for block in BLOCK_CONTENTS}  # a block is worth what it holds
     kept = select_kept(job.adapter, worth, job.budget, start)
-    return _keep_tensors(kept, job.adapter.dims()), keep_changes(start, kept, job.adapter.dims())
+    return _keep_tensors(kept, dims), keep_changes(start, kept, dims)
 
 
 def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagrangian, values: MaskValues,
@@ -150,7 +165,7 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
         hidden_keep = settled["hidden"].float()
         values.set({name: (m.mu * settled[name]).unsqueeze(0) for name, m in masks.groups.items()}, hidden_keep)
     losses = distill_loss(model(**batch, output_hidden_states=True), teacher_out, labels,
-                          batch["attention_mask"], settings.distill, hidden_keep=hidden_keep)
+                          batch["attention_mask"], settings.distill, job.objective, hidden_keep=hidden_keep)
     expected = adapter.cost(masks.expected_sizes(settings.temperature), budget.seq_len)
     s = expected[budget.kind] / dense[budget.kind]
     t = 1 - (1 - target) * min(1.0, ramped)
@@ -200,7 +215,8 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
             try:
                 for step, batch in batches(loader, steps, f"{job.method}: pruning", start):
                     if step == search_steps and settled is None:
-                        settled, changes = choose(job, masks)
+                        values.set(None)  # the search's masks off: the choice attaches its own
+                        settled, changes = choose(job, masks, loader, settings.init_samples)
                         log.append({"phase": "select", "step": step, **changes})
                     losses, s, t, kl = _step(job, settings, masks, lagrangian, values, batch, teacher, settled,
                                              target, dense, (step + 1) / ramp_steps)
@@ -222,7 +238,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     finally:
         model.requires_grad_(True)
     if settled is None:  # no settle phase: choose now
-        settled, changes = choose(job, masks)
+        settled, changes = choose(job, masks, loader, settings.init_samples)
         log.append({"phase": "select", "step": steps, **changes})
     mu = {name: m.mu.detach().clone() for name, m in masks.groups.items()}
     return Choice(kept=kept_from_keep(settled), scale=mu, log=log)

@@ -1,0 +1,35 @@
+"""GPT-2: pre-norm decoder with Conv1D weights (stored (in, out)), one fused query/key/value projection and
+learned position embeddings; the LM head is tied to the token embedding."""
+from __future__ import annotations
+
+from torch import nn
+
+from vtrans.arch.base import LayerParts, Traits
+from vtrans.arch.decoder import DecoderAdapter
+
+
+class GPT2Adapter(DecoderAdapter):
+    family = "gpt2"
+    model_types = ("gpt2",)
+    traits = Traits(norm="layer", conv1d=True, fused_qkv=True, head_tokens="all")
+    layer_parts = LayerParts(
+        attention="attn",
+        attention_inputs=("attn.c_attn",),
+        attention_output="attn.c_proj",
+        mlp_inputs=("mlp.c_fc",),
+        mlp_output="mlp.c_proj",
+        norms=("ln_1", "ln_2"),
+        mlp="mlp",
+    )
+    layers_path = "h"
+    embeddings = ("wte", "wpe")
+    final_norm = "ln_f"
+
+    @staticmethod
+    def ffn_size(config) -> int:
+        return config.n_inner or 4 * config.hidden_size
+
+    def resize_attention(self, attention: nn.Module, heads: int) -> None:
+        # GPT2Attention splits its fused projection's output by `split_size`
+        attention.num_heads = heads
+        attention.embed_dim = attention.split_size = heads * attention.head_dim

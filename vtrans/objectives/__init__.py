@@ -1,0 +1,21 @@
+"""Objectives: what the compressed model is for, and so how it is loaded, fed, trained and judged.
+
+`classification` (labelled text, the default) and `lm` (plain text: next-token prediction, perplexity).
+"""
+from __future__ import annotations
+
+from vtrans.errors import UsageError
+from vtrans.objectives.base import Objective
+from vtrans.objectives.classification import Classification
+from vtrans.objectives.language_model import LanguageModelling
+
+OBJECTIVES: dict[str, Objective] = {"classification": Classification(), "lm": LanguageModelling()}
+
+
+def objective_for(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise UsageError(f"--objective {name} is unknown; choose one of: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+__all__ = ["OBJECTIVES", "Objective", "objective_for"]
