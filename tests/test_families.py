@@ -9,7 +9,7 @@ from conftest import WORDS, random_kept, tiny_model, write_sentiment_csv, write_
 import vtrans
 from vtrans.arch import Kept, MaskValues, adapter_for, detach_masks
 from vtrans.methods import METHODS
-from vtrans.surgery import cut_model, masked_values
+from vtrans.surgery import cut_model, masked_values, save
 
 
 def write_text(path, paragraphs: int = 60, seed: int = 0):
@@ -46,8 +46,8 @@ def test_every_method_compresses_a_decoder_for_language_modelling(tmp_path, fami
         assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
 
 
-@pytest.mark.parametrize("family", ["gpt2-lm", "llama-gqa-lm"])
-def test_generate_gives_the_masked_models_greedy_tokens(family):
+@pytest.mark.parametrize("family", ["gpt2-lm", "llama-gqa-lm", "llama-lm-tied"])
+def test_generate_gives_the_masked_models_greedy_tokens_before_and_after_reload(family, tmp_path):
     model = tiny_model(family)
     adapter = adapter_for(model)
     kept = random_kept(adapter, seed=4)
@@ -62,6 +62,9 @@ def test_generate_gives_the_masked_models_greedy_tokens(family):
         detach_masks(handles)
     cut_model(adapter, kept)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0), masked)
+    save(model, None, tmp_path / "out")
+    reloaded = vtrans.load(tmp_path / "out")
+    assert torch.equal(reloaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0), masked)
 
 
 def test_gqa_keeps_query_heads_with_their_kv_head():
@@ -102,3 +105,20 @@ def test_magnitude_reads_each_heads_rows_of_a_fused_projection():
     by_hand = (attention.c_attn.weight[:, columns].square().sum() + attention.c_attn.bias[columns].square().sum()
                + attention.c_proj.weight[head * head_dim:(head + 1) * head_dim].square().sum())
     assert torch.allclose(magnitude_scores(adapter)["heads"][0, head], by_hand)
+
+
+def test_probe_reads_a_gqa_models_kept_kv_heads_as_query_heads(tmp_path):
+    from vtrans.probe import probe
+
+    ckpt = write_tiny_checkpoint(tmp_path / "model", "llama-gqa-lm")
+    text = write_text(tmp_path / "train.txt")
+    result = vtrans.compress(str(ckpt), str(text), target="flops=0.8", method="magnitude", out=tmp_path / "out",
+                             objective="lm", max_length=16)
+    kv_heads = result.report["kept_units"]["heads"]
+    probed = probe(str(ckpt), str(text), compressed=result.out, samples=8, examples=1, max_length=16,
+                   say=lambda message: None)
+    kept = torch.tensor(probed["kept_heads"])  # (layers, 4 query heads)
+    assert kept.shape == (3, 4)
+    for layer, units in enumerate(kv_heads):  # KV head u keeps query heads 2u and 2u + 1
+        assert kept[layer].tolist() == [u in units for u in (0, 0, 1, 1)]
+    assert 0 < kept.sum() < kept.numel()

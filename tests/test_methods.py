@@ -204,7 +204,7 @@ def reader_errors(j, kept, scale, batch) -> list[float]:
 def test_teacher_outputs_are_remembered_per_example_whatever_the_batching(job):
     from vtrans.training import TeacherOutputs
     j = job("fast-vtrans")
-    remembered, passthrough = TeacherOutputs(j.teacher), TeacherOutputs(j.teacher, max_bytes=0)
+    remembered, passthrough = TeacherOutputs(j.teacher, j.objective), TeacherOutputs(j.teacher, j.objective, 0)
     first = j.train.loader(16, shuffle=True, seed=1)
     for batch in first:
         batch.pop("labels")
@@ -215,16 +215,16 @@ def test_teacher_outputs_are_remembered_per_example_whatever_the_batching(job):
         batch.pop("labels")
         got, fresh = remembered(batch), passthrough(batch)
         real = batch["attention_mask"].bool()
-        assert torch.allclose(got.logits, fresh.logits, atol=1e-5)
+        assert torch.allclose(got.outputs, fresh.outputs, atol=1e-5)
         for g, f in zip(got.hidden_states, fresh.hidden_states):
             assert torch.allclose(g[real], f[real], atol=1e-5) and (g[~real] == 0).all()
     assert remembered.forwards == forwards and passthrough.forwards == len(j.train.loader(7))
     assert passthrough.memory == {}
     # a cap that holds only a few examples: it stays under the cap and still gives the teacher's outputs
     cap = 3 * max(remembered.stored_bytes // len(remembered.memory), 1)
-    partial = TeacherOutputs(j.teacher, max_bytes=cap)
+    partial = TeacherOutputs(j.teacher, j.objective, max_bytes=cap)
     for batch in list(j.train.loader(5)) * 2:
         batch = {k: v for k, v in batch.items() if k != "labels"}
         got, fresh = partial(batch), passthrough(batch)
-        assert torch.allclose(got.logits, fresh.logits, atol=1e-5)
+        assert torch.allclose(got.outputs, fresh.outputs, atol=1e-5)
     assert 0 < partial.stored_bytes <= cap and len(partial.memory) <= 3

@@ -20,8 +20,8 @@ from vtrans.evaluate import latency_ms
 from vtrans.methods import METHODS, run
 from vtrans.methods.base import Job
 from vtrans.methods.vtrans import MASK_INITS, VTransSettings
-from vtrans.objectives import OBJECTIVES, objective_for
-from vtrans.report import build_report
+from vtrans.objectives import OBJECTIVES, Objective, objective_for
+from vtrans.report import build_report, model_card
 from vtrans.surgery import check_output_dir, load, save
 from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config
 from vtrans.training import DISTILL_LAYERS, DistillWeights
@@ -52,7 +52,7 @@ class Options:
     settle: float | None = None  # share of pruning with the kept set fixed; None: 0.25 if weights frozen, else 0
     kl_weight: float = 1e-6  # per unit, on the VIB KL summed over units
     mask_temperature: float = 1.0  # of the keep probability sigmoid(log_alpha / T) in the expected cost
-    distill_layers: str = "all"  # hidden states distilled: all, last, none
+    distill_layers: str | None = None  # hidden states distilled: all, last, none; None: the objective's choice
     latency_batch: int = 32
     latency_seq_len: int = 64
     resume: bool = False  # continue an interrupted run from its checkpoint
@@ -83,7 +83,7 @@ def validate_options(opts: Options) -> None:
         ("--settle", opts.settle, opts.settle is None or 0 <= opts.settle < 1, "in [0, 1)"),
         ("--kl-weight", opts.kl_weight, opts.kl_weight >= 0, "0 or more"),
         ("--mask-temperature", opts.mask_temperature, opts.mask_temperature > 0, "greater than 0"),
-        ("--distill-layers", opts.distill_layers, opts.distill_layers in DISTILL_LAYERS,
+        ("--distill-layers", opts.distill_layers, opts.distill_layers in (None, *DISTILL_LAYERS),
          f"one of {', '.join(DISTILL_LAYERS)}"),
         ("--checkpoint-every", opts.checkpoint_every, opts.checkpoint_every >= 0, "0 or more"),
     ]
@@ -95,10 +95,11 @@ def validate_options(opts: Options) -> None:
 MASK_OPTIONS = ("mask_init", "mask_lr", "ramp", "settle", "kl_weight", "mask_temperature", "distill_layers")
 
 
-def mask_settings(opts: Options) -> VTransSettings:
+def mask_settings(opts: Options, objective: Objective) -> VTransSettings:
+    layers = opts.distill_layers or objective.distill_layers
     return VTransSettings(mask_init=opts.mask_init, mask_lr=opts.mask_lr, ramp=opts.ramp, settle=opts.settle,
                           kl_weight=opts.kl_weight, temperature=opts.mask_temperature,
-                          distill=DistillWeights(layers=opts.distill_layers))
+                          distill=DistillWeights(layers=layers))
 
 
 def seed_everything(seed: int) -> None:
@@ -154,7 +155,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
                          "use at most that")
     with init_empty_weights():  # shapes only: is the budget reachable at all?
         check_reachable(adapter_for(objective.auto_class().from_config(config)), budget,
-                        keep_hidden=not METHODS[method].prunes_hidden)
+                        keep_hidden=not (METHODS[method].prunes_hidden and objective.prunes_hidden))
     train = objective.read(data)
     if opts.eval_data:
         evaluation = objective.read(opts.eval_data, split="validation")
@@ -170,7 +171,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     teacher.model.requires_grad_(False)
     eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64)
 
-    dense_metric = objective.evaluate(teacher.model, eval_loader, "evaluating dense")
+    dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
     dense = dense_cost(teacher_adapter, budget.seq_len)
 
     seed_everything(opts.seed)
@@ -180,26 +181,40 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
               seed=opts.seed, objective=objective,
               prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs,
               data_fraction=opts.data_fraction, checkpoint=checkpoint, resume=opts.resume,
-              vtrans=mask_settings(opts))
+              vtrans=mask_settings(opts, objective))
     started = time.perf_counter()
     outcome = run(job)
     compression_seconds = time.perf_counter() - started  # the method's wall time, teacher excluded
 
     compressed = outcome.model.eval()
     compressed_cost = exact_cost(teacher_adapter, outcome.kept, budget.seq_len)
-    compressed_metric = objective.evaluate(compressed, eval_loader, "evaluating compressed")
+    compressed_metric = objective.evaluate(compressed, eval_loader, teacher.model, "evaluating compressed")
     latency = latency_ms({"dense": teacher.model, "compressed": compressed}, opts.latency_batch,
                          opts.latency_seq_len, vocab_size=teacher.tokenizer.vocab_size)
     report = build_report(
-        method=method, model=model_label, data=data, eval_data=opts.eval_data or f"{opts.holdout:.0%} of data",
-        budget=budget, dense_cost=dense, compressed_cost=compressed_cost, dense_metric=dense_metric,
-        compressed_metric=compressed_metric, latency=latency, latency_shape=(opts.latency_batch,
-                                                                            opts.latency_seq_len),
-        kept=outcome.kept, dense_kept=Kept.dense(teacher_adapter.dims()), compression_seconds=compression_seconds,
-        teacher_cache=teacher.fine_tuned_at, seed=opts.seed, tolerance=TOLERANCE, log=outcome.log,
-        query_group=teacher_adapter.dims().query_group)
+        method=method,
+        objective=objective.name,
+        model=model_label,
+        data=data,
+        eval_data=opts.eval_data or f"{opts.holdout:.0%} of data",
+        budget=budget,
+        dense_cost=dense,
+        compressed_cost=compressed_cost,
+        dense_metric=dense_metric,
+        compressed_metric=compressed_metric,
+        latency=latency,
+        latency_shape=(opts.latency_batch, opts.latency_seq_len),
+        kept=outcome.kept,
+        dense_kept=Kept.dense(teacher_adapter.dims()),
+        compression_seconds=compression_seconds,
+        teacher_cache=teacher.fine_tuned_at,
+        seed=opts.seed,
+        tolerance=TOLERANCE,
+        log=outcome.log,
+        query_group=teacher_adapter.dims().query_group,
+    )
     save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
-         overwrite=opts.overwrite)
+         {"README.md": model_card(report)}, overwrite=opts.overwrite)
     checkpoint.clear()
     return Result(model=compressed, report=report, out=out)
 

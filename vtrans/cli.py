@@ -58,7 +58,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     masks.add_argument("--mask-temperature", type=float, default=DEFAULTS.mask_temperature,
                        help="T of the keep probability sigmoid(log_alpha / T) in the expected cost (default: 1)")
     masks.add_argument("--distill-layers", default=DEFAULTS.distill_layers, choices=DISTILL_LAYERS,
-                       help="hidden states distilled from the teacher (default: all)")
+                       help="hidden states distilled from the teacher (default: all; none for --objective lm)")
 
 
 RUN_OPTIONS = ("objective", "eval_data", "max_length", "batch_size", "seed", "holdout", "teacher_epochs",

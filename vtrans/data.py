@@ -259,3 +259,23 @@ class TextBlocks(Examples):
     def collate(self, items):
         input_ids = torch.stack(items)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+class Sentences(Examples):
+    """Plain text as one example per document (truncated to `max_length` tokens, special tokens added, as an
+    encoder reads a sentence); batches are padded to their longest member. No labels."""
+
+    def __init__(self, text: Text, tokenizer, max_length: int):
+        enc = tokenizer(text.documents, truncation=True, max_length=max_length)
+        self.features = [{k: enc[k][i] for k in enc} for i in range(len(text))]
+        self.pad = tokenizer.pad
+        self.strata = [0] * len(self.features)
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return self.features[i]
+
+    def collate(self, items):
+        return dict(self.pad(items, return_tensors="pt"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from vtrans import plots
-from vtrans.data import Encoded, load_table, stratified_indices
+from vtrans.data import Sentences, Text, load_text
 from vtrans.errors import UsageError
 from vtrans.surgery import atomic_directory, check_output_dir
 from vtrans.teacher import default_model_path, load_config
@@ -57,7 +58,8 @@ def batch_measures(attentions, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def kept_heads_of(compressed: Path, layers: int, heads: int) -> np.ndarray:
-    """(layers, heads) booleans: which heads of the dense model the compressed model in DIR keeps."""
+    """(layers, heads) booleans: which (query) heads of the dense model the compressed model in DIR keeps. With
+    grouped-query attention the report lists KV heads; each keeps its group of query heads."""
     path = Path(compressed) / "report.json"
     if not path.is_file():
         raise UsageError(f"--compressed {compressed}: no report.json; give a directory written by vtrans compress")
@@ -67,13 +69,15 @@ def kept_heads_of(compressed: Path, layers: int, heads: int) -> np.ndarray:
         raise UsageError(f"--compressed {compressed}: report.json has no kept_units (written by an older vtrans); "
                          "compress again")
     dense = report["dense_kept"]["layers"]
-    if len(dense) != layers or dense[0]["heads"] != heads:
+    group = report["dense_kept"].get("query_heads_per_kv_head", 1)
+    if len(dense) != layers or dense[0]["heads"] * group != heads:
         raise UsageError(f"--compressed {compressed} was cut from a model with {len(dense)} layers x "
-                         f"{dense[0]['heads']} heads, but MODEL has {layers} x {heads}: give the model it came from")
-    kept = np.zeros((layers, heads), dtype=bool)
+                         f"{dense[0]['heads'] * group} heads, but MODEL has {layers} x {heads}: give the model it "
+                         "came from")
+    kept = np.zeros((layers, heads // group, group), dtype=bool)
     for i, row in enumerate(kept_heads):
         kept[i, row] = True
-    return kept
+    return kept.reshape(layers, heads)
 
 
 def claim_test(measures: dict[str, np.ndarray], kept: np.ndarray) -> dict:
@@ -118,8 +122,8 @@ def quiet_transformers():
 def probe(model: str | None, data: str | None, out: str | Path | None = None, compressed: str | Path | None = None,
           samples: int = 256, examples: int = 4, max_length: int = 128, batch_size: int = 32, seed: int = 0,
           overwrite: bool = False, say=print) -> dict:
-    """Probe MODEL's heads on a label-stratified sample of DATA; write probe.json and PNGs to `out` (default
-    COMPRESSED/probe with a compressed model, else vtrans-probe)."""
+    """Probe MODEL's heads on a seeded random sample of the texts in DATA (labels, if any, unused); write
+    probe.json and PNGs to `out` (default COMPRESSED/probe with a compressed model, else vtrans-probe)."""
     from vtrans.data import DEMO_TEST, demo_path
 
     out = Path(out) if out else (Path(compressed) / "probe" if compressed else Path("vtrans-probe"))
@@ -127,36 +131,36 @@ def probe(model: str | None, data: str | None, out: str | Path | None = None, co
     name = model or default_model_path()
     load_config(name)  # a supported family, or a clear error
     data = data or demo_path(DEMO_TEST)
-    table = load_table(data)
-    rows = stratified_indices(table.labels, min(1.0, samples / len(table)), seed) if samples < len(table) else \
-        list(range(len(table)))
-    table = table.subset(rows)
+    text = load_text(data)  # any text: a classification table's text column, or plain text
+    if samples < len(text):
+        text = Text(sorted(random.Random(seed).sample(text.documents, samples), key=text.documents.index), data)
     tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:  # decoders pad with their end-of-text token
+        tokenizer.pad_token = tokenizer.eos_token
     with quiet_transformers():  # a classifier checkpoint loaded as a bare encoder: its head is unused, say nothing
         encoder = AutoModel.from_pretrained(name, attn_implementation="eager").eval()  # eager: returns attentions
     config = encoder.config
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     kept = kept_heads_of(Path(compressed), layers, heads) if compressed else None
-    encoded = Encoded(table, tokenizer, {str(v): 0 for v in table.labels}, max_length)
+    encoded = Sentences(text, tokenizer, max_length)
     # structural tokens only: padding gets no attention and [UNK] stands for a real word
     special_ids = sorted(set(tokenizer.all_special_ids) - {tokenizer.pad_token_id, tokenizer.unk_token_id})
 
     totals, count = None, 0
     with torch.no_grad():
         for batch in tqdm(encoded.loader(batch_size), desc="probing attention", dynamic_ncols=True):
-            batch.pop("labels")
             output = encoder(**batch, output_attentions=True)
             sums = batch_measures(output.attentions, batch["input_ids"], batch["attention_mask"], special_ids)
             count += int(sums.pop("count"))
             totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
     measures = {k: (v / count).numpy() for k, v in totals.items()}
 
-    result = {"model": model or "all-MiniLM-L6-v2", "data": data, "samples": len(table), "query_tokens": count,
+    result = {"model": model or "all-MiniLM-L6-v2", "data": data, "samples": len(text), "query_tokens": count,
               "special_tokens": tokenizer.convert_ids_to_tokens(special_ids),
               "measures": {k: v.round(5).tolist() for k, v in measures.items()}}
     if kept is not None:
         result |= {"compressed": str(compressed), "kept_heads": kept.tolist(), "claim": claim_test(measures, kept),
-                   "examples": example_view(encoder, tokenizer, table, kept, examples, max_length)}
+                   "examples": example_view(encoder, tokenizer, text, kept, examples, max_length)}
     with atomic_directory(out, overwrite) as tmp:
         (tmp / "probe.json").write_text(json.dumps(result, indent=2))
         pruned = ~kept if kept is not None else None
@@ -168,21 +172,20 @@ def probe(model: str | None, data: str | None, out: str | Path | None = None, co
                                      vmax=None if measure == "entropy" else 1.0)
         if kept is not None and result["examples"]:
             plots.example_attention(result["examples"], tmp / "examples.png")
-    say(f"vtrans probe: {len(table)} examples, {count} query tokens; probe.json and PNGs in {out}")
+    say(f"vtrans probe: {len(text)} examples, {count} query tokens; probe.json and PNGs in {out}")
     return result
 
 
 @torch.no_grad()
-def example_view(encoder, tokenizer, table, kept: np.ndarray, count: int, max_length: int) -> list[dict]:
+def example_view(encoder, tokenizer, text: Text, kept: np.ndarray, count: int, max_length: int) -> list[dict]:
     """For the first `count` examples: attention each token receives from kept vs pruned heads, top words."""
     views = []
-    for i in range(min(count, len(table))):
-        pair = table.text_pair[i] if table.text_pair is not None else None
-        batch = tokenizer(table.text[i], pair, truncation=True, max_length=max_length, return_tensors="pt")
+    for document in text.documents[:count]:
+        batch = tokenizer(document, truncation=True, max_length=max_length, return_tensors="pt")
         attentions = encoder(**batch, output_attentions=True).attentions
         real = batch["attention_mask"][0].float()
         tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
-        view = {"text": table.text[i], "tokens": tokens}
+        view = {"text": document, "tokens": tokens}
         for name, heads in (("kept", kept), ("pruned", ~kept)):
             received = received_attention(attentions, real, heads)
             view[name] = received.round(decimals=5).tolist()

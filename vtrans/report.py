@@ -15,7 +15,8 @@ from vtrans.budget import Budget
 from vtrans.errors import UsageError
 
 
-def build_report(*, method: str, model: str, data: str, eval_data: str, budget: Budget, dense_cost: dict,
+def build_report(*, method: str, objective: str, model: str, data: str, eval_data: str, budget: Budget,
+                 dense_cost: dict,
                  compressed_cost: dict, dense_metric: dict, compressed_metric: dict, latency: dict,
                  latency_shape: tuple[int, int], kept: Kept, dense_kept: Kept, compression_seconds: float,
                  teacher_cache: str | None, seed: int, tolerance: float, log: list, query_group: int = 1) -> dict:
@@ -25,6 +26,7 @@ def build_report(*, method: str, model: str, data: str, eval_data: str, budget: 
     achieved = compressed_cost[budget.kind] / dense_cost[budget.kind]
     return {
         "method": method,
+        "objective": objective,
         "model": model,
         "data": {"train": data, "eval": eval_data},
         "target": budget.to_dict(),
@@ -95,6 +97,44 @@ def _fixup_line(fixup: dict | None) -> list[str]:
     moved = [f"+{fixup['added'][g]}/-{fixup['removed'][g]} {g}" for g in fixup["added"]
              if fixup["added"][g] or fixup["removed"][g]]
     return [f"  fix-up    {', '.join(moved) if moved else 'none: training met the budget'}"]
+
+
+PIPELINE_TAGS = {"classification": "text-classification", "lm": "text-generation", "features": "feature-extraction"}
+
+
+def model_card(report: dict) -> str:
+    """DIR/README.md: a Hugging Face Hub model card (YAML header, then what was compressed, to what budget, what it
+    achieved and kept, and how to load it)."""
+    dense, small, budget = report["dense"], report["compressed"], report["budget"]
+    metric = next(iter(dense["metric"]))
+    setting = report["latency_setting"]
+    base = report["model"]
+    header = ["---", "library_name: transformers", "tags:", "- vtrans", "- pruned", "- structured-pruning",
+              f"pipeline_tag: {PIPELINE_TAGS.get(report.get('objective', 'classification'))}"]
+    if "/" in base and not Path(base).exists():  # a Hub name, not a local path
+        header.append(f"base_model: {base}")
+    layers = [f"| {i} | {layer['heads'] if layer['attention'] else 0} / {d['heads']} | "
+              f"{layer['ffn'] if layer['ffn_block'] else 0} / {d['ffn']} |"
+              for i, (layer, d) in enumerate(zip(report["kept"]["layers"], report["dense_kept"]["layers"]))]
+    return "\n".join([
+        *header, "---", "",
+        f"# {Path(base).name}, compressed by vtrans ({report['method']})", "",
+        f"A structurally pruned copy of `{base}`: a smaller dense model, every layer with its own sizes. "
+        f"Budget: {budget['kind']} at most {budget['target_fraction']:.4f} of the dense model; achieved "
+        f"{budget['achieved_fraction']:.4f}.", "",
+        "| | " + metric + " | parameters | FLOPs per " + f"{report['target']['seq_len']}-token sequence | "
+        f"latency ms (batch {setting['batch']} x {setting['seq_len']}) |",
+        "|---|---|---|---|---|",
+        f"| dense | {dense['metric'][metric]:.4f} | {dense['params']:,} | {dense['flops']:,} | "
+        f"{dense['latency_ms']:.1f} |",
+        f"| compressed | {small['metric'][metric]:.4f} | {small['params']:,} | {small['flops']:,} | "
+        f"{small['latency_ms']:.1f} ({report['speedup']:.2f}x) |", "",
+        f"Evaluated on {report['data']['eval']}; latency measured on {setting['machine']} with "
+        f"{setting['threads']} threads, dense and compressed interleaved.", "",
+        f"Kept: hidden width {report['kept']['hidden']} of {report['dense_kept']['hidden']}; per layer:", "",
+        "| layer | heads | FFN neurons |", "|---|---|---|", *layers, "",
+        "## Load it", "", "```python", "import vtrans", "model = vtrans.load(\"path/to/this/directory\")",
+        "```", ""])
 
 
 def write_html(out: str | Path) -> Path:

@@ -88,14 +88,16 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = None,
-         overwrite: bool = False) -> Path:
-    """Write model (safetensors), tokenizer and JSON files to `out_dir`, all or nothing."""
+         text_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write model (safetensors), tokenizer, JSON and text files to `out_dir`, all or nothing."""
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)
 
 

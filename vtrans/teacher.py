@@ -73,14 +73,25 @@ def _fingerprint(*parts) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, batch_size: int,
-                 epochs: float, lr: float, seed: int, say=print) -> Teacher:
-    config = load_config(name)
+def load_tokenizer(name: str):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise UsageError(f"MODEL '{name}' has no usable tokenizer ({str(e).splitlines()[0]}); "
                          "save the tokenizer beside the model") from None
+
+
+def load_as_given(name: str, auto_class) -> Teacher:
+    """The dense model as it is (objectives without labels train no head first)."""
+    tokenizer = load_tokenizer(name)
+    model = auto_class.from_pretrained(name, dtype=torch.float32)
+    return Teacher(model.eval(), tokenizer, None, None)
+
+
+def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, batch_size: int,
+                 epochs: float, lr: float, seed: int, say=print) -> Teacher:
+    config = load_config(name)
+    tokenizer = load_tokenizer(name)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # decoders (GPT-2) pad with end-of-text
         tokenizer.pad_token = tokenizer.eos_token
     found = _trained_head(name, config, [train, evaluation])

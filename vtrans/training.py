@@ -39,14 +39,15 @@ def batches(loader, steps: int, desc: str, start: int = 0) -> Iterator[tuple[int
 
 
 class TeacherOutputs:
-    """The frozen teacher's logits and hidden states, remembered per example (keyed by its tokens) up to
+    """The frozen teacher's outputs (as the objective distils them) and hidden states, remembered per example
+    (keyed by its tokens) up to
     `max_bytes`. The sampled variants go over the same small sample ten times, and the teacher's forward is
     a good part of each step; with it remembered, later epochs skip it. Padding positions come back as
     zeros: every loss here ignores them. A batch with any example not remembered runs the teacher whole, so
     a cap that holds only part of the data saves little: it is meant for samples that fit."""
 
-    def __init__(self, teacher, max_bytes: int = 1 << 30):
-        self.teacher, self.max_bytes, self.stored_bytes = teacher, max_bytes, 0
+    def __init__(self, teacher, objective: Objective, max_bytes: int = 1 << 30):
+        self.teacher, self.objective, self.max_bytes, self.stored_bytes = teacher, objective, max_bytes, 0
         self.memory: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.forwards = 0  # teacher forward passes run (for tests and curiosity)
 
@@ -60,15 +61,13 @@ class TeacherOutputs:
     @torch.no_grad()
     def __call__(self, batch: dict) -> SimpleNamespace:
         if self.max_bytes == 0:  # nothing to remember: just the teacher
-            self.forwards += 1
-            return self.teacher(**batch, output_hidden_states=True)
+            return self._run(batch)
         keys = self._keys(batch)
         real = batch["attention_mask"].bool()
         if not all(key in self.memory for key in keys):
-            self.forwards += 1
-            out = self.teacher(**batch, output_hidden_states=True)
+            out = self._run(batch)
             for b, key in enumerate(keys):
-                row = (out.logits[b].clone(), [h[b][real[b]].clone() for h in out.hidden_states])
+                row = (out.outputs[b].clone(), [h[b][real[b]].clone() for h in out.hidden_states])
                 size = sum(t.numel() * t.element_size() for t in [row[0], *row[1]])
                 if key not in self.memory and self.stored_bytes + size <= self.max_bytes:
                     self.memory[key] = row
@@ -81,7 +80,13 @@ class TeacherOutputs:
             for b, row in enumerate(rows):
                 h[b][real[b]] = row[1][layer]
             hidden.append(h)
-        return SimpleNamespace(logits=torch.stack([row[0] for row in rows]), hidden_states=tuple(hidden))
+        return SimpleNamespace(outputs=torch.stack([row[0] for row in rows]), hidden_states=tuple(hidden))
+
+    def _run(self, batch: dict) -> SimpleNamespace:
+        self.forwards += 1
+        out = self.teacher(**batch, output_hidden_states=True)
+        return SimpleNamespace(outputs=self.objective.outputs(out, batch["attention_mask"]),
+                               hidden_states=out.hidden_states)
 
 
 DISTILL_LAYERS = ("all", "last", "none")
@@ -117,8 +122,9 @@ def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeigh
     `hidden_index` selects the teacher dims that a cut student kept; `hidden_keep` (0/1) restricts the
     comparison for a masked student to its kept dims.
     """
-    task = objective.task_loss(student.logits, labels, attention_mask)
-    logits = objective.logits_loss(student.logits, teacher.logits, attention_mask, weights.temperature)
+    outputs = objective.outputs(student, attention_mask)
+    task = objective.task_loss(outputs, labels, attention_mask)
+    logits = objective.logits_loss(outputs, teacher.outputs, attention_mask, weights.temperature)
     tokens = attention_mask.unsqueeze(-1).float()
     pairs = list(zip(student.hidden_states, teacher.hidden_states))
     pairs = {"all": pairs, "last": pairs[-1:], "none": []}[weights.layers]
@@ -170,10 +176,10 @@ def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWei
             **checkpointing) -> None:
     """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed. `teacher`
     is the model or a `TeacherOutputs` of it."""
-    teacher_outputs = teacher if isinstance(teacher, TeacherOutputs) else TeacherOutputs(teacher, max_bytes=0)
+    teacher_outputs = teacher if isinstance(teacher, TeacherOutputs) else TeacherOutputs(teacher, objective, 0)
 
     def loss_of(batch):
-        labels = batch.pop("labels")
+        labels = batch.pop("labels", None)
         target = teacher_outputs(batch)
         return distill_loss(student(**batch, output_hidden_states=True), target, labels,
                             batch["attention_mask"], weights, objective, hidden_index=hidden_index)

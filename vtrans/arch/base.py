@@ -348,8 +348,9 @@ class Adapter:
         """Whether the last head linear shares its weight with the input embedding (GPT-2, small LLaMAs), as
         the config says: a model built without weights is not tied yet."""
         tied_keys = getattr(self.model, "_tied_weights_keys", None) or {}
-        return bool(getattr(self.model.config, "tie_word_embeddings", False)
-                    and f"{self.head_paths()[-1]}.weight" in tied_keys)
+        paths = self.head_paths()
+        return bool(paths and getattr(self.model.config, "tie_word_embeddings", False)
+                    and f"{paths[-1]}.weight" in tied_keys)
 
     @staticmethod
     def ffn_size(config) -> int:
@@ -382,7 +383,7 @@ class Adapter:
                   "mlp_input": has_bias(parts.mlp_inputs[0]), "mlp_output": has_bias(parts.mlp_output)},
             embedding_rows=sum(self.base.get_submodule(path).num_embeddings for path in self.embeddings),
             head_biases=[float(linear.bias is not None) for linear in head],
-            head_outputs=weight_out_in(head[-1]).shape[0],
+            head_outputs=weight_out_in(head[-1]).shape[0] if head else 0,
             tied_head=self.tied_head(),
         )
 
@@ -501,6 +502,8 @@ class Adapter:
     def _head_cost(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(parameters, weights multiplied per token) of the head at hidden width h."""
         params = weights = torch.zeros((), dtype=torch.float64)
+        if not self._shape.head_biases:  # a bare encoder
+            return params, weights
         for has_bias in self._shape.head_biases[:-1]:  # hidden -> hidden
             weights = weights + h * h
             params = params + h * h + h * has_bias
@@ -562,7 +565,8 @@ class Adapter:
         head_paths = self.head_paths()
         for path in head_paths[:-1]:
             self._replace(self.model, path, cut_linear(self.model.get_submodule(path), h, h))
-        self._replace(self.model, head_paths[-1], cut_linear(self.model.get_submodule(head_paths[-1]), None, h))
+        if head_paths:  # the last head linear keeps its outputs (labels, vocabulary, a bare encoder's pooler)
+            self._replace(self.model, head_paths[-1], cut_linear(self.model.get_submodule(head_paths[-1]), None, h))
         if tied:
             self.tie_head()
 

@@ -27,6 +27,8 @@ class BertAdapter(Adapter):
     embedding_norm = "embeddings.LayerNorm"
 
     def head_paths(self) -> tuple[str, ...]:
+        if self.model is self.base:  # a bare encoder (sentence embedders): its pooler, if it has one
+            return ("pooler.dense",) if getattr(self.model, "pooler", None) is not None else ()
         if hasattr(self.model.classifier, "out_proj"):  # RoBERTa
             return "classifier.dense", "classifier.out_proj"
         return f"{self.model.base_model_prefix}.pooler.dense", "classifier"

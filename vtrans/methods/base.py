@@ -96,7 +96,7 @@ def run(job: Job, method: Method) -> Outcome:
     """Choose, cut, recover. A run killed while recovering resumes from its cut model and recovery state."""
     loader = job.loader(job.data_fraction if method.sampled else 1.0)
     # a sample is seen many times: remember the teacher's outputs (the full data is seen once or twice)
-    teacher = TeacherOutputs(job.teacher, max_bytes=SAMPLE_TEACHER_BYTES if method.sampled else 0)
+    teacher = TeacherOutputs(job.teacher, job.objective, SAMPLE_TEACHER_BYTES if method.sampled else 0)
     state = job.checkpoint.load() if job.checkpoint is not None and job.resume else None
     if state is not None and state["phase"] == "recover":
         kept, log = Kept(**state["kept"]), state["log"]

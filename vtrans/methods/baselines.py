@@ -99,7 +99,7 @@ def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int
             z = {name: value.detach().expand(b, *value.shape).clone().requires_grad_(name in groups)
                  for name, value in at.items()}
             values.set(z, hidden_keep)
-            loss = model(**batch).loss * b  # the model's own task loss, summed over the batch
+            loss = job.objective.fisher_loss(model, batch)  # summed over the batch's examples
             grads = torch.autograd.grad(loss, [z[group] for group in groups])
             for group, grad in zip(groups, grads):
                 scaled = grad if size is None else grad * size[group]
@@ -172,7 +172,7 @@ def _normal_equations(job, loader, values, scale, reader, teacher_reader, units,
     inputs_gram, rhs, energy = torch.zeros_like(weight_gram), torch.zeros(n * width, dtype=torch.float64), 0.0
     try:
         for batch in loader:
-            batch.pop("labels")
+            batch.pop("labels", None)
             job.teacher(**batch)
             values.set({name: v.unsqueeze(0) for name, v in scale.items()}, scale["hidden"])
             job.model(**batch)

@@ -42,7 +42,7 @@ def _repeat(value, copies: int, batch: int):
     """A layer argument for `copies` copies of the batch (tensors with a batch axis, and tuples of them)."""
     if isinstance(value, tuple):  # e.g. rotary (cos, sin)
         return tuple(_repeat(v, copies, batch) for v in value)
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
         return value.repeat(copies, *([1] * (value.dim() - 1)))
     return value
 
@@ -62,7 +62,7 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     fraction = min(1.0, settings.calibration_samples / len(job.train))
     indices = stratified_indices(job.train.strata, fraction, job.seed)
     batch = job.train.collate([job.train[i] for i in indices])
-    batch.pop("labels")
+    batch.pop("labels", None)
     b = batch["input_ids"].shape[0]
     tokens = batch["attention_mask"].unsqueeze(-1).float()
 
@@ -78,7 +78,7 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     finally:
         detach_masks(hooks)
     reference_grams = [_token_gram(h, tokens) for h in reference.hidden_states[1:]]
-    reference_logp = F.log_softmax(reference.logits / settings.temperature, -1)
+    reference_outputs = job.objective.outputs(reference, batch["attention_mask"])
     pairs = tokens.sum((1, 2)) ** 2  # token pairs per example, to make Gram distances comparable
 
     values = MaskValues()
@@ -108,14 +108,11 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
                         gram = _token_gram(hidden, tokens.repeat(copies, 1, 1))
                         diff = (gram - reference_grams[j].repeat(copies, 1, 1)).square().sum((1, 2))
                         distance += diff / pairs.repeat(copies)
-                    logits = adapter.head_logits(hidden, _repeat(batch["attention_mask"], copies, b))
-                    logp = F.log_softmax(logits / settings.temperature, -1)
-                    reference_rows = reference_logp.repeat(copies, *([1] * (reference_logp.dim() - 1)))
-                    kl = F.kl_div(logp, reference_rows, reduction="none", log_target=True).sum(-1)
-                    if kl.dim() > 1:  # a distribution per token (language models): the mean over real tokens
-                        real = tokens.repeat(copies, 1, 1).squeeze(-1)
-                        kl = (kl * real).sum(-1) / real.sum(-1)
-                    distance += settings.logit_weight * kl.clamp(min=0)  # rounding can dip below 0
+                    mask = _repeat(batch["attention_mask"], copies, b)
+                    outputs = job.objective.head_outputs(adapter, hidden, mask)
+                    divergence = job.objective.divergence(outputs, _repeat(reference_outputs, copies, b), mask,
+                                                          settings.temperature)
+                    distance += settings.logit_weight * divergence.clamp(min=0)  # rounding can dip below 0
                     scores[group][i, units] = distance.view(copies, b).mean(1)
                     progress.update()
     finally:

@@ -56,6 +56,16 @@ MASK_INITS = ("fisher", "uniform")
 # [HIGH, HIGH + SPREAD); uniform starts every unit at UNIFORM.
 LOW, HIGH, SPREAD, UNIFORM = 1.0, 5.0, 2.0, 6.0
 UNIT_GROUPS = ("hidden", "heads", "ffn")  # the groups Fisher information scores (blocks are worth what they hold)
+FIXED = 20.0  # log_alpha of a group the objective does not prune: sigma^2 = e^-20 mu^2, kept, not trained
+
+
+def _scored_groups(job: Job) -> tuple[str, ...]:
+    """The unit groups that compete for the budget (the hidden width too, unless the objective keeps it)."""
+    return UNIT_GROUPS if job.objective.prunes_hidden else tuple(g for g in UNIT_GROUPS if g != "hidden")
+
+
+def _never_dropped(job: Job, dims) -> dict[str, torch.Tensor]:
+    return {} if job.objective.prunes_hidden else {"hidden": torch.full((dims.hidden,), float("inf"))}
 
 
 @dataclass
@@ -103,9 +113,9 @@ class Lagrangian(nn.Module):
 def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     """Initial log_alpha per unit from Fisher information per cost (see the module docstring)."""
     dims = job.adapter.dims()
-    fisher = fisher_scores(job, _own_order(job, loader), UNIT_GROUPS, limit=samples)
-    worth = fisher | {"attention": torch.full((dims.layers,), float("inf")),
-                      "ffn_block": torch.full((dims.layers,), float("inf"))}
+    fisher = fisher_scores(job, _own_order(job, loader), _scored_groups(job), limit=samples)
+    worth = fisher | _never_dropped(job, dims) | {"attention": torch.full((dims.layers,), float("inf")),
+                                                  "ffn_block": torch.full((dims.layers,), float("inf"))}
     dropped = {name: ~keep for name, keep in _keep_tensors(select_kept(job.adapter, worth, job.budget), dims).items()}
     every = {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
     ratios = {name: torch.zeros(w.shape) for name, w in worth.items()}
@@ -141,11 +151,12 @@ def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, t
     dims = job.adapter.dims()
     start = hierarchical_keep(masks.log_alphas())
     mu = {name: m.mu.detach() for name, m in masks.groups.items()}
-    kept_blocks = {name: keep.float() for name, keep in start.items()}
-    for block, contents in BLOCK_CONTENTS.items():
-        kept_blocks[contents] = kept_blocks[contents] * kept_blocks[block].unsqueeze(-1)
-    at = {name: mu[name] * kept_blocks[name] for name in mu}
-    worth = fisher_scores(job, _own_order(job, loader), UNIT_GROUPS, limit=samples, at=at, size=mu)
+    kept_now = {name: keep.float() for name, keep in start.items()}
+    for block, contents in BLOCK_CONTENTS.items():  # nothing inside a dropped block is kept
+        kept_now[contents] = kept_now[contents] * kept_now[block].unsqueeze(-1)
+    at = {name: mu[name] * kept_now[name] for name in mu}
+    worth = fisher_scores(job, _own_order(job, loader), _scored_groups(job), limit=samples, at=at, size=mu)
+    worth |= _never_dropped(job, dims)
     worth |= {block: torch.zeros(dims.layers) for block in BLOCK_CONTENTS}  # a block is worth what it holds
     kept = select_kept(job.adapter, worth, job.budget, start)
     return _keep_tensors(kept, dims), keep_changes(start, kept, dims)
@@ -156,11 +167,11 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
           ramped: float) -> tuple[dict, float, float, float]:
     """One pruning step's forward and backward; returns the losses, expected cost, target and KL."""
     model, adapter, budget = job.model, job.adapter, job.budget
-    labels = batch.pop("labels")
+    labels = batch.pop("labels", None)
     teacher_out = teacher(batch)
     if settled is None:  # search: sampled masks
         hidden_keep = masks.hidden_keep()
-        values.set(masks.sample(labels.shape[0]), hidden_keep)
+        values.set(masks.sample(batch["input_ids"].shape[0]), hidden_keep)
     else:  # settle: exactly the kept model, scaled by mu
         hidden_keep = settled["hidden"].float()
         values.set({name: (m.mu * settled[name]).unsqueeze(0) for name, m in masks.groups.items()}, hidden_keep)
@@ -182,7 +193,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     """Train VIB masks (and the weights, unless frozen) under the Lagrangian, then settle; return the kept set
     meeting the budget, the mu of every unit, and the training log. `state`, from a checkpoint, resumes;
     `teacher` may remember the teacher's outputs across epochs."""
-    teacher = teacher or TeacherOutputs(job.teacher, max_bytes=0)
+    teacher = teacher or TeacherOutputs(job.teacher, job.objective, max_bytes=0)
     model, adapter, budget = job.model, job.adapter, job.budget
     dense = dense_cost(adapter, budget.seq_len)
     target = budget.fraction(dense)
@@ -191,9 +202,15 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     ramp_steps = max(1, int(settings.ramp * search_steps))
     if settings.mask_init not in MASK_INITS:
         raise ValueError(f"mask_init {settings.mask_init!r}: choose one of {', '.join(MASK_INITS)}")
-    init = warm_start(job, loader, settings.init_samples) if settings.mask_init == "fisher" and state is None \
-        else UNIFORM
-    masks = VIBMasks(adapter.dims().mask_shapes(), init)
+    shapes = adapter.dims().mask_shapes()
+    if settings.mask_init == "fisher" and state is None:
+        init = warm_start(job, loader, settings.init_samples)
+    else:  # uniform, or resuming: the checkpoint holds the masks
+        init = {name: torch.full(shape, UNIFORM) for name, shape in shapes.items()}
+    if not job.objective.prunes_hidden:  # the hidden width is part of the product: its mask stays at 1
+        init["hidden"] = torch.full(shapes["hidden"], FIXED)
+    masks = VIBMasks(shapes, init)
+    masks.groups["hidden"].requires_grad_(job.objective.prunes_hidden)
     lagrangian = Lagrangian(settings.penalty)
     optimizers = {"mask_optimizer": torch.optim.Adam(masks.parameters(), lr=settings.mask_lr_for(ramp_steps)),
                   "lagrangian_optimizer": torch.optim.SGD(lagrangian.parameters(), lr=settings.lagrangian_lr,

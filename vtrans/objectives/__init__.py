@@ -1,15 +1,18 @@
 """Objectives: what the compressed model is for, and so how it is loaded, fed, trained and judged.
 
-`classification` (labelled text, the default) and `lm` (plain text: next-token prediction, perplexity).
+`classification` (labelled text, the default), `lm` (plain text: next-token prediction, perplexity) and
+`features` (plain text, no labels: an encoder's representations, cosine similarity of sentence embeddings).
 """
 from __future__ import annotations
 
 from vtrans.errors import UsageError
 from vtrans.objectives.base import Objective
 from vtrans.objectives.classification import Classification
+from vtrans.objectives.features import FeatureDistillation
 from vtrans.objectives.language_model import LanguageModelling
 
-OBJECTIVES: dict[str, Objective] = {"classification": Classification(), "lm": LanguageModelling()}
+OBJECTIVES: dict[str, Objective] = {"classification": Classification(), "lm": LanguageModelling(),
+                                    "features": FeatureDistillation()}
 
 
 def objective_for(name: str) -> Objective:

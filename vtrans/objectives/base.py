@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from vtrans.data import holdout_text, load_text
 
 
 class Objective:
     name: str = ""
     metric: str = ""  # the key `evaluate` returns
     higher_is_better: bool = True
+    prunes_hidden: bool = True  # False: the output width is part of the product (embeddings stay comparable)
+    distill_layers: str = "all"  # hidden states distilled by default (training.DISTILL_LAYERS)
 
     def auto_class(self):
         """The transformers Auto class whose head this objective trains."""
@@ -31,13 +36,56 @@ class Objective:
         """A dataset of batches for `data` (with `.loader(...)` and `.strata` for sampling)."""
         raise NotImplementedError
 
-    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def outputs(self, model_output, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What is distilled from the teacher besides hidden states: the logits, by default."""
+        return model_output.logits
+
+    def head_outputs(self, adapter, last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`outputs` computed from the last layer's output (OPTIN replays the layers itself)."""
+        return adapter.head_logits(last_hidden, attention_mask)
+
+    def task_loss(self, outputs: torch.Tensor, labels, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def divergence(self, student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+        """How far the student's outputs are from the teacher's, per example: (B,)."""
         raise NotImplementedError
 
     def logits_loss(self, student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor,
                     temperature: float) -> torch.Tensor:
-        """KL from the teacher's softened distribution to the student's (times T^2, Hinton et al. 2015)."""
+        """The distillation loss on the outputs: the mean divergence, times T^2 so that its gradients keep
+        their scale as the temperature changes (Hinton et al. 2015)."""
+        return self.divergence(student, teacher, attention_mask, temperature).mean() * temperature ** 2
+
+    def fisher_loss(self, model, batch: dict) -> torch.Tensor:
+        """A loss summed over the batch's examples whose per-example gradients measure what a unit is worth
+        (Fisher information): the model's own task loss on the batch's labels, by default."""
+        return model(**batch).loss * batch["input_ids"].shape[0]
+
+    def evaluate(self, model, loader, teacher, desc: str = "evaluating") -> dict[str, float]:
+        """The metric on held-out data (`teacher`: the dense model, for metrics that compare with it)."""
         raise NotImplementedError
 
-    def evaluate(self, model, loader, desc: str = "evaluating") -> dict[str, float]:
-        raise NotImplementedError
+
+class PlainTextObjective(Objective):
+    """An objective on plain text (a .txt file, rows with a text field, or a `datasets` name), with the model
+    as given: no labels, no fine-tuned head."""
+
+    def load_teacher(self, name, train, evaluation, options, say=print):
+        from vtrans.teacher import load_as_given  # the teacher module trains with the objectives' losses
+
+        return load_as_given(name, self.auto_class())
+
+    def read(self, spec, split="train"):
+        return load_text(spec, split)
+
+    def holdout(self, data, fraction, seed):
+        return holdout_text(data, fraction)
+
+
+def kl_per_example(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softened distributions over the last axis: (B,) or (B, S)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="none",
+                    log_target=True).sum(-1)

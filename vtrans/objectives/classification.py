@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 from vtrans.data import Encoded, holdout_split, load_table
 from vtrans.evaluate import predict_logits
-from vtrans.objectives.base import Objective
+from vtrans.objectives.base import Objective, kl_per_example
 
 
 class Classification(Objective):
@@ -36,11 +36,9 @@ class Classification(Objective):
     def task_loss(self, logits, labels, attention_mask):
         return F.cross_entropy(logits, labels)
 
-    def logits_loss(self, student, teacher, attention_mask, temperature):
-        t = temperature
-        return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
-                        log_target=True) * t * t
+    def divergence(self, student, teacher, attention_mask, temperature):
+        return kl_per_example(student, teacher, temperature)
 
-    def evaluate(self, model, loader, desc="evaluating"):
+    def evaluate(self, model, loader, teacher, desc="evaluating"):
         logits, labels = predict_logits(model, loader, desc)
         return {"accuracy": float((logits.argmax(-1) == labels).float().mean())}

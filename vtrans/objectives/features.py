@@ -1,0 +1,63 @@
+"""Representation distillation for encoders without labels (sentence embedders such as all-MiniLM-L6-v2):
+the compressed encoder learns to reproduce the dense one's token representations on plain text. The metric
+is the cosine similarity between the compressed and the dense model's sentence embeddings (token states
+mean-pooled over real tokens, as sentence-transformers pools) on held-out text: 1.0 is a perfect stand-in.
+The hidden width stays, so the embeddings keep their size and their space."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModel
+
+from vtrans.data import Sentences
+from vtrans.objectives.base import PlainTextObjective
+
+
+def mean_pool(token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, H) token states -> (B, H) sentence embeddings: the mean over real tokens."""
+    mask = attention_mask.unsqueeze(-1).to(token_states.dtype)
+    return (token_states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class FeatureDistillation(PlainTextObjective):
+    name = "features"
+    metric = "cosine"
+    prunes_hidden = False
+
+    def auto_class(self):
+        return AutoModel
+
+    def encode(self, data, teacher, max_length):
+        return Sentences(data, teacher.tokenizer, max_length)
+
+    def outputs(self, model_output, attention_mask):
+        return mean_pool(model_output.last_hidden_state, attention_mask)
+
+    def head_outputs(self, adapter, last_hidden, attention_mask):
+        return mean_pool(last_hidden, attention_mask)
+
+    def task_loss(self, outputs, labels, attention_mask):
+        return outputs.new_zeros(())  # no labels: distillation is the task
+
+    def divergence(self, student, teacher, attention_mask, temperature):
+        return 1 - F.cosine_similarity(student, teacher, dim=-1)
+
+    def fisher_loss(self, model, batch):
+        """The embedding projected on a random direction per example (fixed seed): the squared per-example
+        gradient then estimates, in expectation, the summed squared sensitivity of every embedding dim to
+        the unit. (The distillation loss itself has zero gradient at the dense model.)"""
+        embedding = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+        directions = torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0))
+        return (embedding * directions.to(embedding.dtype)).sum()
+
+    @torch.inference_mode()
+    def evaluate(self, model, loader, teacher, desc="evaluating"):
+        model.eval()
+        total, count = 0.0, 0
+        for batch in tqdm(loader, desc=desc, leave=False):
+            ours = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+            dense = mean_pool(teacher(**batch).last_hidden_state, batch["attention_mask"])
+            total += float(F.cosine_similarity(ours, dense, dim=-1).sum())
+            count += len(ours)
+        return {"cosine": total / count}
