@@ -22,4 +22,4 @@ if __name__ == "__main__":
     sys.exit(main(["bench", str(SHARED / "models" / "minilm-l6-rt-sentiment"),
                    "--data", str(SHARED / "data" / "rotten_tomatoes" / "train.csv.gz"),
                    "--eval-data", str(SHARED / "data" / "rotten_tomatoes" / "test.csv.gz"),
-                   "--max-length", "64", "--out", "bench_out", "--plot-method", "vtrans", *sys.argv[1:]]))
+                   "--max-length", "64", "--out", "bench_out", *sys.argv[1:]]))

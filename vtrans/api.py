@@ -161,9 +161,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         evaluation = objective.read(opts.eval_data, split="validation")
     else:
         train, evaluation = objective.holdout(train, opts.holdout, opts.seed)
-        say(f"vtrans: no --eval-data: holding out {len(evaluation)} of {len(train) + len(evaluation)} "
-            f"{'rows' if objective.name == 'classification' else 'documents'} ({opts.holdout:.0%}) of {data} "
-            "for evaluation")
+        say(f"vtrans: no --eval-data: holding out {opts.holdout:.0%} of {data} for evaluation "
+            f"({len(evaluation)} of {len(train) + len(evaluation)} {objective.examples}, seed {opts.seed})")
 
     seed_everything(opts.seed)
     teacher = objective.load_teacher(model_name, train, evaluation, opts, say=say)
@@ -176,12 +175,23 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
 
     seed_everything(opts.seed)
     student = copy.deepcopy(teacher.model)
-    job = Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher.model,
-              budget=budget, train=objective.encode(train, teacher, opts.max_length), batch_size=opts.batch_size,
-              seed=opts.seed, objective=objective,
-              prune_epochs=opts.prune_epochs, recover_epochs=opts.recover_epochs,
-              data_fraction=opts.data_fraction, checkpoint=checkpoint, resume=opts.resume,
-              vtrans=mask_settings(opts, objective))
+    job = Job(
+        method=method,
+        model=student,
+        adapter=adapter_for(student),
+        teacher=teacher.model,
+        budget=budget,
+        train=objective.encode(train, teacher, opts.max_length),
+        batch_size=opts.batch_size,
+        seed=opts.seed,
+        prune_epochs=opts.prune_epochs,
+        recover_epochs=opts.recover_epochs,
+        data_fraction=opts.data_fraction,
+        checkpoint=checkpoint,
+        resume=opts.resume,
+        vtrans=mask_settings(opts, objective),
+        objective=objective,
+    )
     started = time.perf_counter()
     outcome = run(job)
     compression_seconds = time.perf_counter() - started  # the method's wall time, teacher excluded

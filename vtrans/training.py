@@ -39,10 +39,10 @@ def batches(loader, steps: int, desc: str, start: int = 0) -> Iterator[tuple[int
 
 
 class TeacherOutputs:
-    """The frozen teacher's outputs (as the objective distils them) and hidden states, remembered per example
-    (keyed by its tokens) up to
-    `max_bytes`. The sampled variants go over the same small sample ten times, and the teacher's forward is
-    a good part of each step; with it remembered, later epochs skip it. Padding positions come back as
+    """The frozen teacher's outputs (what the objective distils: logits, or an embedding) and hidden states,
+    remembered per example (keyed by its tokens) up to `max_bytes`. The sampled variants go over the same small
+    sample ten times, and the teacher's forward is a good part of each step; with it remembered, later epochs
+    skip it. Padding positions come back as
     zeros: every loss here ignores them. A batch with any example not remembered runs the teacher whole, so
     a cap that holds only part of the data saves little: it is meant for samples that fit."""
 
@@ -124,7 +124,7 @@ def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeigh
     """
     outputs = objective.outputs(student, attention_mask)
     task = objective.task_loss(outputs, labels, attention_mask)
-    logits = objective.logits_loss(outputs, teacher.outputs, attention_mask, weights.temperature)
+    logits = objective.output_loss(outputs, teacher.outputs, attention_mask, weights.temperature)  # or embedding
     tokens = attention_mask.unsqueeze(-1).float()
     pairs = list(zip(student.hidden_states, teacher.hidden_states))
     pairs = {"all": pairs, "last": pairs[-1:], "none": []}[weights.layers]

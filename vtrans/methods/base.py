@@ -46,7 +46,6 @@ class Job:
     vtrans: VTransSettings | None = None  # mask training settings (None: the defaults)
     objective: Objective = field(default_factory=Classification)  # the task's losses
 
-
     def loader(self, fraction: float = 1.0):
         """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it."""
         indices = stratified_indices(self.train.strata, fraction, self.seed) if fraction < 1 else None

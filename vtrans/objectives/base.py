@@ -1,6 +1,7 @@
 """What an objective provides. Methods, surgery and costs never ask which objective runs: they train on
-`task_loss` + `logits_loss` (plus hidden-state distillation), score with the model's own `.loss` on a batch
-(whose `labels` follow the Hugging Face convention of the model class), and report `evaluate`'s metric."""
+`task_loss` + `output_loss` (plus hidden-state distillation), compare ablated models by `divergence`
+(OPTIN), score units by the per-example gradients of `fisher_loss`, and report `evaluate`'s metric. Batches
+carry `labels` in the Hugging Face convention of the model class, or none."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,7 @@ from vtrans.data import holdout_text, load_text
 
 class Objective:
     name: str = ""
+    examples: str = "rows"  # what one example of its data is called in messages
     metric: str = ""  # the key `evaluate` returns
     higher_is_better: bool = True
     prunes_hidden: bool = True  # False: the output width is part of the product (embeddings stay comparable)
@@ -52,7 +54,7 @@ class Objective:
         """How far the student's outputs are from the teacher's, per example: (B,)."""
         raise NotImplementedError
 
-    def logits_loss(self, student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor,
+    def output_loss(self, student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor,
                     temperature: float) -> torch.Tensor:
         """The distillation loss on the outputs: the mean divergence, times T^2 so that its gradients keep
         their scale as the temperature changes (Hinton et al. 2015)."""
@@ -71,6 +73,8 @@ class Objective:
 class PlainTextObjective(Objective):
     """An objective on plain text (a .txt file, rows with a text field, or a `datasets` name), with the model
     as given: no labels, no fine-tuned head."""
+
+    examples = "documents"
 
     def load_teacher(self, name, train, evaluation, options, say=print):
         from vtrans.teacher import load_as_given  # the teacher module trains with the objectives' losses
