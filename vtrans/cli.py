@@ -19,11 +19,13 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     how each run trains."""
     parser.add_argument("model", nargs="?", help="Hugging Face name or local path (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--data", help="CSV/TSV/JSONL file with text[, text_pair], label columns, or a datasets "
-                                       "name (default: bundled Rotten Tomatoes demo); for --objective lm, plain "
-                                       "text: .txt, or rows with a text field")
+                                       "name (default: bundled Rotten Tomatoes demo); for --objective lm or "
+                                       "features, plain text: .txt, or rows with a text field")
     parser.add_argument("--objective", default=DEFAULTS.objective, choices=list(OBJECTIVES),
                         help="classification: labelled text, accuracy; lm: plain text, next-token loss and "
-                             "distillation, perplexity at --max-length tokens (default: classification)")
+                             "distillation, perplexity at --max-length tokens; features: plain text, no labels, "
+                             "an encoder's representations distilled, cosine to the dense sentence embeddings "
+                             "(default: classification)")
     parser.add_argument("--eval-data", help="held-out data (default: hold out part of --data, reproducibly)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")

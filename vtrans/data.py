@@ -241,7 +241,8 @@ class TextBlocks(Examples):
     def __init__(self, text: Text, tokenizer, max_length: int):
         separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
         stream = []
-        for ids in tokenizer(text.documents, add_special_tokens=False)["input_ids"]:
+        # verbose=False: a document longer than the model's context is fine here, it is cut into blocks
+        for ids in tokenizer(text.documents, add_special_tokens=False, verbose=False)["input_ids"]:
             stream += ids + separator
         self.blocks = torch.tensor(stream[: len(stream) // max_length * max_length]).view(-1, max_length)
         if len(self.blocks) == 0:

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from scipy.stats import mannwhitneyu
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 from transformers.utils import logging as transformers_logging
 
 from vtrans import plots
 from vtrans.data import Sentences, Text, load_text
 from vtrans.errors import UsageError
 from vtrans.surgery import atomic_directory, check_output_dir
-from vtrans.teacher import default_model_path, load_config
+from vtrans.teacher import default_model_path, load_config, load_tokenizer
 
 SHARES = ("special", "current", "previous", "rest")
 MEASURES = SHARES + ("entropy",)
@@ -134,9 +134,7 @@ def probe(model: str | None, data: str | None, out: str | Path | None = None, co
     text = load_text(data)  # any text: a classification table's text column, or plain text
     if samples < len(text):
         text = Text(sorted(random.Random(seed).sample(text.documents, samples), key=text.documents.index), data)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:  # decoders pad with their end-of-text token
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(name)
     with quiet_transformers():  # a classifier checkpoint loaded as a bare encoder: its head is unused, say nothing
         encoder = AutoModel.from_pretrained(name, attn_implementation="eager").eval()  # eager: returns attentions
     config = encoder.config

@@ -74,11 +74,15 @@ def _fingerprint(*parts) -> str:
 
 
 def load_tokenizer(name: str):
+    """MODEL's tokenizer, able to pad: decoders that have no padding token (GPT-2) pad with end-of-text."""
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise UsageError(f"MODEL '{name}' has no usable tokenizer ({str(e).splitlines()[0]}); "
                          "save the tokenizer beside the model") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_as_given(name: str, auto_class) -> Teacher:
@@ -92,8 +96,6 @@ def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, ba
                  epochs: float, lr: float, seed: int, say=print) -> Teacher:
     config = load_config(name)
     tokenizer = load_tokenizer(name)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:  # decoders (GPT-2) pad with end-of-text
-        tokenizer.pad_token = tokenizer.eos_token
     found = _trained_head(name, config, [train, evaluation])
     if found is not None:
         model, label_map = found

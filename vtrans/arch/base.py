@@ -58,7 +58,6 @@ class Traits:
     """What kind of parts a family has."""
 
     norm: str = "layer"  # "layer": LayerNorm (weight, bias); "rms": RMSNorm (weight only)
-    conv1d: bool = False  # linear weights stored (in, out), as GPT-2's Conv1D
     fused_qkv: bool = False  # one attention input projection writes query, key and value, in that order
     head_tokens: str = "first"  # tokens the head maps: "first" (a pooled [CLS]) or "all" (every position)
 

@@ -11,7 +11,7 @@ from vtrans.arch.decoder import DecoderAdapter
 class GPT2Adapter(DecoderAdapter):
     family = "gpt2"
     model_types = ("gpt2",)
-    traits = Traits(norm="layer", conv1d=True, fused_qkv=True, head_tokens="all")
+    traits = Traits(norm="layer", fused_qkv=True, head_tokens="all")
     layer_parts = LayerParts(
         attention="attn",
         attention_inputs=("attn.c_attn",),
