@@ -74,7 +74,8 @@ def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int
                   at: dict[str, torch.Tensor] | None = None, size: dict[str, torch.Tensor] | None = None
                   ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information of the mask variables of `groups` over the loader's first batches (about
-    `limit` examples): squared per-example gradients of the task loss with respect to the mask values, summed.
+    `limit` examples): squared per-example gradients of the objective's Fisher loss (the task loss, where there
+    are labels) with respect to the mask values, summed.
     Each example has its own row of mask variables (the masks' batch axis), so one backward pass gives
     every example's gradient.
 
