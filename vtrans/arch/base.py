@@ -564,10 +564,11 @@ class Adapter:
         head_paths = self.head_paths()
         for path in head_paths[:-1]:
             self._replace(self.model, path, cut_linear(self.model.get_submodule(path), h, h))
-        if head_paths:  # the last head linear keeps its outputs (labels, vocabulary, a bare encoder's pooler)
-            self._replace(self.model, head_paths[-1], cut_linear(self.model.get_submodule(head_paths[-1]), None, h))
-        if tied:
+        if tied:  # the head is the cut embedding: share it rather than copy a vocabulary-sized weight first
             self.tie_head()
+            self.head()[-1].in_features = len(h)
+        elif head_paths:  # the last head linear keeps its outputs (labels, vocabulary, a bare encoder's pooler)
+            self._replace(self.model, head_paths[-1], cut_linear(self.model.get_submodule(head_paths[-1]), None, h))
 
     def tie_head(self) -> None:
         """Make the head's last linear share the input embedding's weight again (a tied head is saved once)."""
