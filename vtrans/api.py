@@ -16,7 +16,7 @@ from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, pa
 from vtrans.checkpoint import Checkpoint
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, demo_path
 from vtrans.errors import UsageError
-from vtrans.evaluate import latency_ms
+from vtrans.latency import latency_ms
 from vtrans.methods import METHODS, run
 from vtrans.methods.base import Job
 from vtrans.methods.vtrans import MASK_INITS, VTransSettings
@@ -224,7 +224,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         query_group=teacher_adapter.dims().query_group,
     )
     save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
-         {"README.md": model_card(report)}, overwrite=opts.overwrite)
+         {"README.md": model_card(report, objective.auto_class().__name__)} | objective.files_beside(model_name),
+         overwrite=opts.overwrite)
     checkpoint.clear()
     return Result(model=compressed, report=report, out=out)
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from vtrans.api import MASK_OPTIONS, Options, compress
+from vtrans.deploy.onnx import QUANTIZE
 from vtrans.errors import UsageError
 from vtrans.methods import METHODS
 from vtrans.methods.vtrans import MASK_INITS
@@ -115,7 +118,42 @@ def build_parser() -> argparse.ArgumentParser:
                                         "layer, training curves, and the probe if DIR/probe exists.")
     r.add_argument("dir", help="a directory written by vtrans compress")
     r.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+    e = commands.add_parser("export", help="export a compressed model to ONNX, optionally int8",
+                            description="Writes ONNX_DIR/model.onnx (torch.onnx, batch and sequence dynamic) with the "
+                                        "tokenizer, checks onnxruntime against PyTorch, and with --quantize int8 "
+                                        "also model_int8.onnx (onnxruntime's dynamic quantization of the weights).")
+    e.add_argument("dir", help="a directory written by vtrans compress")
+    e.add_argument("--format", default="onnx", choices=["onnx"])
+    e.add_argument("--out", required=True, help="the directory to write model.onnx (and model_int8.onnx) to")
+    e.add_argument("--quantize", choices=QUANTIZE, help="also write a dynamically quantized model_int8.onnx")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+    t = commands.add_parser("latency", help="measure forward latency, dense vs compressed side by side",
+                            description="Times forward passes of MODEL (and each --compare model) on the same random "
+                                        "batches, interleaved, over a grid of batch sizes and lengths: median and "
+                                        "range in ms, speedup over MODEL. A model is a Hub name or checkpoint, a "
+                                        "directory written by vtrans compress, or an ONNX file or export directory.")
+    t.add_argument("model", help="the reference model (e.g. the dense one)")
+    t.add_argument("--compare", action="append", default=[], help="another model to time beside it (repeatable)")
+    t.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: 1,32)")
+    t.add_argument("--seq-lens", default="16,128", help="comma-separated tokens per sequence (default: 16,128)")
+    t.add_argument("--repeats", type=int, default=10, help="timed passes per model and shape (default: 10)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed passes first (default: 2)")
+    t.add_argument("--out", help="also write the rows to this JSON file")
+    t.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return parser
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(item) for item in split_list(text)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {text}: give comma-separated positive integers, e.g. 1,32")
+    return values
 
 
 def split_list(text: str) -> list[str]:
@@ -147,6 +185,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("--samples must be at least 1 and --examples 0 or more")
             probe(args.model, args.data, args.out, args.compressed, samples=args.samples, examples=args.examples,
                   max_length=args.max_length, seed=args.seed, overwrite=args.overwrite)
+        elif args.command == "export":
+            from vtrans.deploy.onnx import export
+
+            record = export(args.dir, args.out, quantize=args.quantize, overwrite=args.overwrite)
+            for kind, name in record["files"].items():
+                print(f"vtrans export: {args.out}/{name}: {record['size_mb'][kind]} MB, largest difference to "
+                      f"PyTorch {record['max_abs_difference'][kind]:.2e}")
+        elif args.command == "latency":
+            from vtrans.latency import compare, markdown
+
+            if args.repeats < 1 or args.warmup < 0:
+                raise UsageError("--repeats must be at least 1 and --warmup 0 or more")
+            rows = compare([args.model, *args.compare], int_list(args.batch_sizes, "--batch-sizes"),
+                           int_list(args.seq_lens, "--seq-lens"), repeats=args.repeats, warmup=args.warmup)
+            print(markdown(rows))
+            if args.out:
+                Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
         elif args.command == "report":
             from vtrans.report import write_html
 

@@ -102,9 +102,9 @@ def _fixup_line(fixup: dict | None) -> list[str]:
 PIPELINE_TAGS = {"classification": "text-classification", "lm": "text-generation", "features": "feature-extraction"}
 
 
-def model_card(report: dict) -> str:
+def model_card(report: dict, auto_class: str) -> str:
     """DIR/README.md: a Hugging Face Hub model card (YAML header, then what was compressed, to what budget, what it
-    achieved and kept, and how to load it)."""
+    achieved and kept, and how to load it with `auto_class`)."""
     dense, small, budget = report["dense"], report["compressed"], report["budget"]
     metric = next(iter(dense["metric"]))
     setting = report["latency_setting"]
@@ -133,8 +133,20 @@ def model_card(report: dict) -> str:
         f"{setting['threads']} threads, dense and compressed interleaved.", "",
         f"Kept: hidden width {report['kept']['hidden']} of {report['dense_kept']['hidden']}; per layer:", "",
         "| layer | heads | FFN neurons |", "|---|---|---|", *layers, "",
-        "## Load it", "", "```python", "import vtrans", "model = vtrans.load(\"path/to/this/directory\")",
-        "```", ""])
+        "## Load it", "",
+        "With transformers alone (the directory carries its modeling code, `modeling_vtrans.py`, which resizes the",
+        "dense architecture to the kept sizes in `config.json`):", "",
+        "```python", f"from transformers import {auto_class}", "",
+        f"model = {auto_class}.from_pretrained(\"path/to/this/directory\", trust_remote_code=True)", "```", "",
+        *_sentence_transformers_lines(report),
+        "Or with vtrans installed, without running that code: `model = vtrans.load(\"path/to/this/directory\")`.", ""])
+
+
+def _sentence_transformers_lines(report: dict) -> list[str]:
+    if report.get("objective") != "features":
+        return []
+    return ["A sentence embedder keeps its pooling: "
+            "`SentenceTransformer(\"path/to/this/directory\", trust_remote_code=True)`.", ""]
 
 
 def write_html(out: str | Path) -> Path:

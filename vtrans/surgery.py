@@ -16,8 +16,11 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
+from transformers import CONFIG_MAPPING
 
 from vtrans.arch import Adapter, Dims, Kept, adapter_class_for
+from vtrans.deploy import remote_code
+from vtrans.deploy.modeling_vtrans import resize
 from vtrans.errors import UsageError
 
 
@@ -48,7 +51,7 @@ def cut_model(adapter: Adapter, kept: Kept, scale: dict[str, torch.Tensor] | Non
     z, _ = masked_values(kept, adapter.dims(), scale)
     adapter.fold({name: v.squeeze(0) for name, v in z.items()})
     adapter.cut(kept)
-    adapter.model.config.vtrans = {"family": adapter.family, "kept": kept.sizes()}
+    adapter.model.config.vtrans = {"family": adapter.family, "parts": adapter.parts_record(), "kept": kept.sizes()}
 
 
 @contextlib.contextmanager
@@ -89,14 +92,18 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = None,
          text_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
-    """Write model (safetensors), tokenizer, JSON and text files to `out_dir`, all or nothing."""
+    """Write model (safetensors), tokenizer, JSON and text files to `out_dir`, all or nothing. A compressed
+    model also gets the code that loads it without vtrans (vtrans/deploy/remote_code.py)."""
     with atomic_directory(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
+        if getattr(model.config, "vtrans", None) is not None:
+            remote_code.write(tmp, model.config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         for name, text in (text_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)
 
@@ -120,14 +127,17 @@ def load(path: str | os.PathLike):
     path = Path(path)
     if not (path / "config.json").exists():
         raise UsageError(f"{path} is not a vtrans model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path)
+    # the dense architecture from JSON (never running the directory's modeling code), resized as that code does
+    saved = remote_code.dense_config_dict(json.loads((path / "config.json").read_text()))
+    config = CONFIG_MAPPING[saved["model_type"]].from_dict(saved)
     record = getattr(config, "vtrans", None)
     model_class = getattr(transformers, config.architectures[0])
     with init_empty_weights():  # no time spent initialising weights that the checkpoint replaces
         model = model_class(config)
         adapter = adapter_class_for(config.model_type)(model)
         if record is not None:
-            adapter.cut(Kept.from_sizes(record["kept"]))
+            record.setdefault("parts", adapter.parts_record())  # a directory written before parts were recorded
+            resize(model, record)
     state = read_state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = adapter.tied_head()

@@ -19,13 +19,19 @@ is exact and `cut` only removes rows, columns and norm entries.
 """
 from __future__ import annotations
 
-import copy
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+from vtrans.deploy.modeling_vtrans import (
+    empty_block,
+    resized_embedding,
+    resized_linear,
+    resized_norm,
+    set_attention_sizes,
+    weight_out_in,
+)
 
 # The mask groups every adapter exposes. Shapes, for a model of L layers:
 #   hidden (H,), heads (L, head units), ffn (L, ffn_size), attention (L,), ffn_block (L,)
@@ -105,18 +111,6 @@ class Kept:
             ffn=[list(range(dims.ffn)) for _ in range(dims.layers)],
         )
 
-    @classmethod
-    def from_sizes(cls, sizes: dict) -> "Kept":
-        """The kept set of a saved model: its units renumbered 0..n-1 (what `load` rebuilds)."""
-        layers = sizes["layers"]
-        return cls(
-            hidden=list(range(sizes["hidden"])),
-            heads=[list(range(layer["heads"])) for layer in layers],
-            ffn=[list(range(layer["ffn"])) for layer in layers],
-            attention=[layer["attention"] for layer in layers],
-            ffn_block=[layer["ffn_block"] for layer in layers],
-        )
-
     def sizes(self) -> dict:
         """The JSON record saved in the config and the report."""
         return {
@@ -167,11 +161,6 @@ class MaskValues:
 
 
 # -- weights of either orientation ---------------------------------------------------------------------------
-def weight_out_in(linear: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), for nn.Linear and GPT-2's Conv1D (stored (in, out))."""
-    return linear.weight.T if isinstance(linear, Conv1D) else linear.weight
-
-
 def scale_rows(linear: nn.Module, scale: torch.Tensor) -> None:
     """Multiply output feature i (weight row and bias) by scale[i] (or all of them by a scalar)."""
     weight_out_in(linear).mul_(scale.unsqueeze(-1) if scale.dim() else scale)
@@ -193,18 +182,7 @@ def cut_linear(old: nn.Module, rows=None, cols=None) -> nn.Module:
         bias = bias[rows] if bias is not None else None
     if cols is not None:
         weight = weight[:, cols]
-    out_features, in_features = weight.shape
-    # the weights are copied in next: no initialisation, and no warning that an empty layer (a block that keeps
-    # no units) cannot be initialised
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        if isinstance(old, Conv1D):  # no device argument: built on the meta device, then given storage
-            with torch.device("meta"):
-                new = Conv1D(out_features, in_features)
-            new = new.to_empty(device=weight.device).to(weight.dtype)
-        else:
-            new = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None,
-                                           device=weight.device, dtype=weight.dtype)
+    new = resized_linear(old, *weight.shape)
     weight_out_in(new).data.copy_(weight)
     if bias is not None:
         new.bias.data.copy_(bias)
@@ -213,19 +191,15 @@ def cut_linear(old: nn.Module, rows=None, cols=None) -> nn.Module:
 
 def cut_norm(old: nn.Module, keep: torch.Tensor) -> nn.Module:
     """The norm over the kept dims only (LayerNorm or RMSNorm, of any family)."""
-    new = copy.copy(old)  # same class and settings; the parameters are replaced below
-    new._parameters = dict(old._parameters)
-    new.weight = nn.Parameter(old.weight.data[keep].clone())
+    new = resized_norm(old, len(keep))
+    new.weight.data.copy_(old.weight.data[keep])
     if getattr(old, "bias", None) is not None:
-        new.bias = nn.Parameter(old.bias.data[keep].clone())
-    if isinstance(new, nn.LayerNorm):
-        new.normalized_shape = (len(keep),)
+        new.bias.data.copy_(old.bias.data[keep])
     return new
 
 
 def cut_embedding(old: nn.Embedding, keep: torch.Tensor) -> nn.Embedding:
-    new = nn.Embedding(old.num_embeddings, len(keep), padding_idx=old.padding_idx,
-                       device=old.weight.device, dtype=old.weight.dtype)
+    new = resized_embedding(old, len(keep))
     new.weight.data.copy_(old.weight.data[:, keep])
     return new
 
@@ -246,30 +220,6 @@ def masked_norm(norm: nn.Module, rms: bool, x: torch.Tensor, keep: torch.Tensor)
     var = ((x - mean).square() * keep).sum(-1, keepdim=True) / count
     out = (x - mean) * torch.rsqrt(var + norm_eps(norm)) * norm.weight
     return out + norm.bias if norm.bias is not None else out
-
-
-class EmptyBlock(nn.Module):
-    """Stands in for an attention (or MLP) module that keeps no heads (or neurons): it contributes only its
-    output projection's bias, zero once the block is dropped. The projection, when it lives inside the
-    replaced module, stays under its own name, so the state dict keeps its keys; when it lives outside
-    (BERT), this gives the projection an input of width 0."""
-
-    def __init__(self, output_name: str | None = None, output: nn.Module | None = None, attention: bool = True):
-        super().__init__()
-        self.output_name = output_name
-        self.attention = attention  # attention modules return (output, attention weights)
-        if output is not None:
-            self.add_module(output_name, output)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.output_name is None:
-            out = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-        else:  # the projection's output for an empty input (GPT-2's Conv1D cannot take a width of 0)
-            output = getattr(self, self.output_name)
-            width = weight_out_in(output).shape[0]
-            bias = output.bias if output.bias is not None else hidden_states.new_zeros(width)
-            out = bias.expand(*hidden_states.shape[:-1], width).clone()
-        return (out, None) if self.attention else out
 
 
 @dataclass(frozen=True)
@@ -295,6 +245,8 @@ class Adapter:
     embeddings: tuple[str, ...] = ()  # every embedding table of width hidden, from the base model
     embedding_norm: str | None = None  # a norm right after the embeddings (post-norm encoders)
     final_norm: str | None = None  # a norm after the last layer (pre-norm models)
+    # attributes an attention module keeps about its own size, set on a cut: "heads" (head units) or "width"
+    attention_sizes: dict[str, str] = {}
 
     def __init__(self, model: nn.Module):
         """`model` is dense (or an empty-weights skeleton of it): its sizes are read once, here."""
@@ -312,9 +264,6 @@ class Adapter:
     def head_logits(self, last_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The task logits from the last layer's output (what the model does after the layers)."""
         raise NotImplementedError
-
-    def resize_attention(self, attention: nn.Module, heads: int) -> None:
-        """Update attributes a cut attention module keeps about its own size (nothing for most families)."""
 
     @staticmethod
     def max_tokens(config) -> int:
@@ -552,15 +501,15 @@ class Adapter:
             self._replace(layer, parts.attention_output, cut_linear(layer.get_submodule(parts.attention_output),
                                                                     h, columns))
             if heads:
-                self.resize_attention(layer.get_submodule(parts.attention), len(heads))
+                set_attention_sizes(layer.get_submodule(parts.attention), len(heads), self.parts_record())
             else:
-                self._replace(layer, parts.attention, _empty_block(layer, parts.attention, parts.attention_output))
+                self._replace(layer, parts.attention, empty_block(layer, parts.attention, parts.attention_output))
             neurons = torch.tensor(ffn, dtype=torch.long)
             for path in parts.mlp_inputs:
                 self._replace(layer, path, cut_linear(layer.get_submodule(path), neurons, h))
             self._replace(layer, parts.mlp_output, cut_linear(layer.get_submodule(parts.mlp_output), h, neurons))
             if not ffn and parts.mlp is not None:
-                self._replace(layer, parts.mlp, _empty_block(layer, parts.mlp, parts.mlp_output, attention=False))
+                self._replace(layer, parts.mlp, empty_block(layer, parts.mlp, parts.mlp_output, attention=False))
         head_paths = self.head_paths()
         for path in head_paths[:-1]:
             self._replace(self.model, path, cut_linear(self.model.get_submodule(path), h, h))
@@ -570,15 +519,33 @@ class Adapter:
         elif head_paths:  # the last head linear keeps its outputs (labels, vocabulary, a bare encoder's pooler)
             self._replace(self.model, head_paths[-1], cut_linear(self.model.get_submodule(head_paths[-1]), None, h))
 
+    def parts_record(self) -> dict:
+        """Where the parts are and what sizes they take, as config.json records them for `resize`
+        (vtrans/deploy/modeling_vtrans.py), which rebuilds the cut model without vtrans."""
+        dims, parts = self.dims(), self.layer_parts
+        return {
+            "layers": self.layers_path,
+            "embeddings": list(self.embeddings),
+            "embedding_norm": self.embedding_norm,
+            "final_norm": self.final_norm,
+            "head": list(self.head_paths()),
+            "tied_head": self._shape.tied_head,
+            "attention": parts.attention,
+            "attention_inputs": list(parts.attention_inputs),
+            "attention_output": parts.attention_output,
+            "mlp": parts.mlp,
+            "mlp_inputs": list(parts.mlp_inputs),
+            "mlp_output": parts.mlp_output,
+            "norms": list(parts.norms),
+            "fused_qkv": self.traits.fused_qkv,
+            "query_group": dims.query_group,
+            "head_dim": dims.head_dim,
+            "attention_sizes": dict(self.attention_sizes),
+        }
+
     def tie_head(self) -> None:
         """Make the head's last linear share the input embedding's weight again (a tied head is saved once)."""
         self.head()[-1].weight = self.base.get_submodule(self.embeddings[0]).weight
-
-
-def _empty_block(layer: nn.Module, block: str, output: str, attention: bool = True) -> EmptyBlock:
-    if output.startswith(block + "."):  # the output projection lives inside the block's module
-        return EmptyBlock(output.removeprefix(block + "."), layer.get_submodule(output), attention)
-    return EmptyBlock(attention=attention)
 
 
 def _unit_rows(units: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor:

@@ -2,8 +2,6 @@
 learned position embeddings; the LM head is tied to the token embedding."""
 from __future__ import annotations
 
-from torch import nn
-
 from vtrans.arch.base import LayerParts, Traits
 from vtrans.arch.decoder import DecoderAdapter
 
@@ -24,12 +22,9 @@ class GPT2Adapter(DecoderAdapter):
     layers_path = "h"
     embeddings = ("wte", "wpe")
     final_norm = "ln_f"
+    # GPT2Attention splits its fused projection's output by `split_size`
+    attention_sizes = {"num_heads": "heads", "embed_dim": "width", "split_size": "width"}
 
     @staticmethod
     def ffn_size(config) -> int:
         return config.n_inner or 4 * config.hidden_size
-
-    def resize_attention(self, attention: nn.Module, heads: int) -> None:
-        # GPT2Attention splits its fused projection's output by `split_size`
-        attention.num_heads = heads
-        attention.embed_dim = attention.split_size = heads * attention.head_dim

@@ -22,6 +22,10 @@ class Objective:
         """The transformers Auto class whose head this objective trains."""
         raise NotImplementedError
 
+    def files_beside(self, name: str) -> dict[str, str]:
+        """Files of the dense model `name` that the compressed directory carries over (path: text)."""
+        return {}
+
     def load_teacher(self, name: str, train, evaluation, options, say=print):
         """The dense model (eval mode) and its tokenizer, prepared for this objective (e.g. fine-tuned)."""
         raise NotImplementedError

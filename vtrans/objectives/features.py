@@ -5,10 +5,14 @@ mean-pooled over real tokens, as sentence-transformers pools) on held-out text: 
 The hidden width stays, so the embeddings keep their size and their space."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModel
+from transformers.utils import cached_file
 
 from vtrans.data import Sentences
 from vtrans.objectives.base import PlainTextObjective
@@ -20,6 +24,15 @@ def mean_pool(token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return (token_states * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+ST_CONFIGS = ("sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _read(name: str, path: str) -> str | None:
+    """A file of a local model directory or a Hub model (cached), or None if it has none."""
+    found = cached_file(name, path, _raise_exceptions_for_missing_entries=False)
+    return Path(found).read_text() if found else None
+
+
 class FeatureDistillation(PlainTextObjective):
     name = "features"
     metric = "cosine"
@@ -27,6 +40,21 @@ class FeatureDistillation(PlainTextObjective):
 
     def auto_class(self):
         return AutoModel
+
+    def files_beside(self, name):
+        """A sentence-transformers model's own files (its modules and their configs: pooling, normalisation),
+        so that `SentenceTransformer(DIR, trust_remote_code=True)` pools the compressed encoder as it pooled
+        the dense one."""
+        modules = _read(name, "modules.json")
+        if modules is None:  # a plain encoder
+            return {}
+        files = {"modules.json": modules}
+        for path in ST_CONFIGS + tuple(f"{module['path']}/config.json" for module in json.loads(modules)
+                                       if module["path"]):
+            text = _read(name, path)
+            if text is not None:
+                files[path] = text
+        return files
 
     def encode(self, data, teacher, max_length):
         return Sentences(data, teacher.tokenizer, max_length)
