@@ -54,7 +54,7 @@ def test_bench_runs_every_method_at_every_target_and_isolates_a_failure(tmp_path
 
 def test_bench_refuses_bad_methods_and_targets_before_any_run(tmp_path, capsys):
     for argv, said in ((["--methods", "vtrans,nonsense"], "--methods nonsense"),
-                       (["--targets", "flops=0.5,latency=2"], "unknown kind 'latency'"),
+                       (["--targets", "flops=0.5,speed=2"], "unknown kind 'speed'"),
                        (["--methods", "optin,random", "--plot-method", "vtrans"], "--plot-method vtrans")):
         assert main(["bench", "--out", str(tmp_path / "b"), *argv]) == 2
         assert said in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -12,6 +12,7 @@ from vtrans.masks import VIBMask
 @pytest.mark.parametrize("text,kind,value,absolute", [
     ("flops=0.4", "flops", 0.4, False), ("params=0.5", "params", 0.5, False),
     ("params=30M", "params", 30e6, True), ("PARAMS = 1500k", "params", 1.5e6, True), ("flops=1", "flops", 1.0, False),
+    ("latency=2x", "latency", 0.5, False), ("latency=40ms", "latency", 40.0, True),
 ])
 def test_parse_target(text, kind, value, absolute):
     budget = parse_target(text, seq_len=128)
@@ -19,7 +20,7 @@ def test_parse_target(text, kind, value, absolute):
 
 
 @pytest.mark.parametrize("text", ["flops=0", "flops=-0.2", "flops=2", "latency=0.5", "flops", "", "params=abc",
-                                  "flops=0.4x", "flops=30M"])
+                                  "flops=0.4x", "flops=30M", "latency=0.5x", "latency=0ms"])
 def test_parse_target_rejects_bad_budgets(text):
     with pytest.raises(UsageError, match="--target"):
         parse_target(text, seq_len=128)

@@ -36,7 +36,7 @@ def test_compress_meets_budget_and_reloads(tmp_path, family, target):
         (tmp_path / "out" / "training_log.json").read_text())[0])
     card = (tmp_path / "out" / "README.md").read_text()  # a Hub model card: YAML header, figures, how to load
     assert card.startswith("---\nlibrary_name: transformers\n") and "pipeline_tag: text-classification" in card
-    assert f"{report['compressed']['params']:,}" in card and "vtrans.load(" in card
+    assert f"{report['compressed']['params']:,}" in card and "trust_remote_code=True" in card
 
     reloaded = vtrans.load(tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +16,14 @@ from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, pa
 from vtrans.checkpoint import Checkpoint
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, demo_path
 from vtrans.errors import UsageError
-from vtrans.latency import latency_ms
+from vtrans.latency import fit_latency, latency_ms
 from vtrans.methods import METHODS, run
 from vtrans.methods.base import Job
 from vtrans.methods.vtrans import MASK_INITS, VTransSettings
 from vtrans.objectives import OBJECTIVES, Objective, objective_for
 from vtrans.report import build_report, model_card
 from vtrans.surgery import check_output_dir, load, save
-from vtrans.teacher import DEFAULT_MODEL_NAME, default_model_path, load_config
+from vtrans.teacher import DEFAULT_MODEL_NAME, cache_root, default_model_path, load_config
 from vtrans.training import DISTILL_LAYERS, DistillWeights
 
 
@@ -125,6 +125,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         raise UsageError(f"--method {method} is unknown; choose one of: {', '.join(METHODS)}")
     validate_options(opts)
     budget = parse_target(target, opts.max_length)
+    if budget.kind == "latency":  # timed at the latency batch and length, so its costs are counted at that length
+        budget = replace(budget, seq_len=opts.latency_seq_len)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
     objective = objective_for(opts.objective)
@@ -153,9 +155,10 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     if opts.max_length > positions:
         raise UsageError(f"--max-length {opts.max_length} exceeds the model's {positions} positions; "
                          "use at most that")
-    with init_empty_weights():  # shapes only: is the budget reachable at all?
-        check_reachable(adapter_for(objective.auto_class().from_config(config)), budget,
-                        keep_hidden=not (METHODS[method].prunes_hidden and objective.prunes_hidden))
+    keep_hidden = not (METHODS[method].prunes_hidden and objective.prunes_hidden)
+    if budget.kind != "latency":  # a latency budget is checked once this machine's latency model is measured
+        with init_empty_weights():  # shapes only: is the budget reachable at all?
+            check_reachable(adapter_for(objective.auto_class().from_config(config)), budget, keep_hidden)
     train = objective.read(data)
     if opts.eval_data:
         evaluation = objective.read(opts.eval_data, split="validation")
@@ -170,6 +173,16 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     teacher.model.requires_grad_(False)
     eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64)
 
+    if budget.kind == "latency":
+        budget = replace(budget, latency=fit_latency(
+            teacher.model,
+            opts.latency_batch,
+            opts.latency_seq_len,
+            vocab_size=teacher.tokenizer.vocab_size,
+            cache=cache_root(),
+            keep_hidden=keep_hidden,
+        ))
+        check_reachable(teacher_adapter, budget, keep_hidden)
     dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
     dense = dense_cost(teacher_adapter, budget.seq_len)
 

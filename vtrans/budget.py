@@ -13,36 +13,57 @@ import torch
 
 from vtrans.arch import Adapter, Kept, unit_counts
 from vtrans.errors import UsageError
+from vtrans.latency import LatencyModel
 from vtrans.surgery import indicators
 
 TOLERANCE = 0.01  # achieved cost must lie in [target * (1 - TOLERANCE), target]
-KINDS = ("flops", "params")
+KINDS = ("flops", "params", "latency")
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 
 
 @dataclass(frozen=True)
 class Budget:
-    kind: str  # "flops" or "params"
-    value: float  # a fraction of the dense cost (0 < value <= 1), or an absolute count when absolute
+    kind: str  # "flops", "params" or "latency"
+    value: float  # a fraction of the dense cost (0 < value <= 1), or an absolute count (ms) when absolute
     seq_len: int  # FLOPs are counted for one sequence of this many tokens
     absolute: bool = False
+    latency: LatencyModel | None = None  # for latency budgets: predicted ms, fitted on this machine
+
+    def of(self, costs: dict):
+        """The budgeted cost in `costs` (from `Adapter.cost`): a count, or the predicted latency in ms."""
+        if self.kind != "latency":
+            return costs[self.kind]
+        if self.latency is None:
+            raise RuntimeError("a latency budget needs its latency model (vtrans.latency.fit_latency) first")
+        return self.latency.predict(costs)
 
     def fraction(self, dense: dict[str, float]) -> float:
-        return self.value / dense[self.kind] if self.absolute else self.value
+        return self.value / self.of(dense) if self.absolute else self.value
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "value": self.value, "seq_len": self.seq_len, "absolute": self.absolute}
 
 
 def parse_target(text: str, seq_len: int) -> Budget:
-    """`flops=0.4` (fraction of dense FLOPs), `params=0.5` or `params=30M` (absolute count)."""
-    usage = "use --target flops=F or params=P, with 0 < F, P <= 1 a fraction of the dense model, or P a count like 30M"
+    """`flops=0.4` (fraction of dense FLOPs), `params=0.5` or `params=30M` (absolute count), `latency=2x` (a
+    speedup) or `latency=40ms` (at the latency batch and length)."""
+    usage = ("use --target flops=F or params=P, with 0 < F, P <= 1 a fraction of the dense model, or P a count like "
+             "30M; or latency=2x (a speedup) or latency=40ms")
+    latency = re.fullmatch(r"\s*latency\s*=\s*([0-9]*\.?[0-9]+)\s*(x|ms)\s*", (text or "").lower())
+    if latency:
+        number, unit = float(latency.group(1)), latency.group(2)
+        if number <= 0 or (unit == "x" and number < 1):
+            raise UsageError(f"--target '{text}': a speedup is at least 1x and a latency more than 0 ms")
+        return Budget(kind="latency", value=number if unit == "ms" else 1 / number, seq_len=seq_len,
+                      absolute=unit == "ms")
     match = re.fullmatch(r"\s*(\w+)\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgG]?)\s*", text or "")
     if not match:
         raise UsageError(f"--target '{text}' is not understood: {usage}")
     kind, number, suffix = match.group(1).lower(), float(match.group(2)), match.group(3).lower()
     if kind not in KINDS:
         raise UsageError(f"--target '{text}': unknown kind '{kind}'; {usage}")
+    if kind == "latency":
+        raise UsageError(f"--target '{text}': give a latency as a speedup (latency=2x) or a time (latency=40ms)")
     if not math.isfinite(number) or number <= 0:
         raise UsageError(f"--target '{text}': the budget must be greater than 0; {usage}")
     absolute = bool(suffix) or number > 1
@@ -69,15 +90,15 @@ def check_reachable(adapter: Adapter, budget: Budget, keep_hidden: bool = False)
         minimal.hidden = list(range(dims.hidden))
     smallest = exact_cost(adapter, minimal, budget.seq_len)
     target = budget.fraction(dense)
-    floor = smallest[budget.kind] / dense[budget.kind]
+    floor = float(budget.of(smallest) / budget.of(dense))
     if target > 1:
         raise UsageError(f"--target {budget.kind}={budget.value:g} is larger than the dense model "
-                         f"({dense[budget.kind]:,.0f} {budget.kind}); ask for less")
+                         f"({budget.of(dense):,.0f} {budget.kind}); ask for less")
     if target < floor:
         allows = "architecture and method allow" if keep_hidden else "architecture allows"
         raise UsageError(f"--target {budget.kind}={budget.value:g} cannot be met: the smallest model this "
                          f"{allows} keeps {floor:.4f} of the dense {budget.kind} "
-                         f"({smallest[budget.kind]:,.0f}); ask for at least that")
+                         f"({budget.of(smallest):,.0f}); ask for at least that")
 
 
 def kept_from_keep(keep: dict[str, torch.Tensor]) -> Kept:
@@ -126,7 +147,7 @@ class Selection:
 
     def cost(self) -> float:
         counts = unit_counts({name: k.double() for name, k in self.kept.items()})
-        return float(self.adapter.cost(counts, self.budget.seq_len)[self.budget.kind])
+        return float(self.budget.of(self.adapter.cost(counts, self.budget.seq_len)))
 
     def price(self, name: str, index: tuple, current: float) -> float:
         """What keeping the unit costs, given everything else: the cost change when it is toggled."""
@@ -186,7 +207,7 @@ def select_kept(adapter: Adapter, worth: dict[str, torch.Tensor], budget: Budget
     comes back and the least worthy FFN neurons, the finest units, make room for it.
     """
     dense = dense_cost(adapter, budget.seq_len)
-    target = budget.fraction(dense) * dense[budget.kind]
+    target = budget.fraction(dense) * budget.of(dense)
     floor = target * (1 - TOLERANCE)
     start = keep if keep is not None else {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
     selection = Selection(adapter, worth, start, budget)

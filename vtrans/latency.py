@@ -3,18 +3,34 @@ model B, model A, ...) so that whatever else loads the machine slows all of them
 
 A model is a PyTorch model (a Hub name or checkpoint, or a directory written by vtrans) or an ONNX file run by
 onnxruntime (a .onnx path, or a directory written by `vtrans export`).
+
+Latency budgets (`--target latency=2x`) need what each structure costs in time on this machine. `fit_latency`
+cuts the dense model at random to a dozen sizes, times each beside the dense model, and fits
+
+    ms = intercept + a * FLOPs + b * attention blocks + c * MLP blocks + d * hidden width
+
+by non-negative least squares (the terms of `Adapter.cost`): the lookup table, cached per machine, model and
+shape. Linear in the kept counts, it serves the methods as FLOPs do, expected counts included.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from vtrans.errors import UsageError
+
+FEATURES = ("flops", "attention_blocks", "mlp_blocks", "hidden")  # terms of Adapter.cost
 
 Runner = Callable[[dict[str, torch.Tensor]], object]  # one forward pass on a batch of input_ids, attention_mask
 
@@ -123,3 +139,95 @@ def markdown(rows: list[dict]) -> str:
     lines += ["", f"Median (min-max) over the repeats, models interleaved; {rows[0]['threads']} PyTorch threads; "
               "speedup against the first model."]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Predicted milliseconds of one forward pass at `batch` x `seq_len` tokens on `machine`."""
+
+    intercept: float
+    coefficients: dict[str, float]  # per FEATURES term
+    batch: int
+    seq_len: int
+    machine: str
+    dense_measured_ms: float
+    fit_error: float  # largest relative error of the fit on the measured cut models
+
+    def predict(self, costs: dict):
+        return self.intercept + sum(self.coefficients[name] * costs[name] for name in FEATURES)
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, " \
+           f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _random_kept(dims, fractions: dict[str, float], generator: torch.Generator):
+    """Units kept at random: about `fractions[group]` of each group, every layer differently."""
+    from vtrans.arch import Kept
+
+    def some(n, fraction):
+        k = max(1, round(fraction * n * float(0.8 + 0.4 * torch.rand((), generator=generator))))
+        return sorted(torch.randperm(n, generator=generator)[:min(n, k)].tolist())
+
+    return Kept(hidden=some(dims.hidden, fractions["hidden"]),
+                heads=[some(dims.heads, fractions["heads"]) for _ in range(dims.layers)],
+                ffn=[some(dims.ffn, fractions["ffn"]) for _ in range(dims.layers)],
+                attention=(torch.rand(dims.layers, generator=generator) > fractions["drop"]).tolist(),
+                ffn_block=(torch.rand(dims.layers, generator=generator) > fractions["drop"]).tolist())
+
+
+def fit_latency(model: torch.nn.Module, batch: int, seq_len: int, vocab_size: int, cache: Path | None = None,
+                variants: int = 12, repeats: int = 5, keep_hidden: bool = False) -> LatencyModel:
+    """Measure this machine's latency model for `model` (dense) at batch x seq_len; cached in `cache`."""
+    from vtrans.arch import Kept, adapter_for
+    from vtrans.surgery import cut_model
+
+    key = hashlib.sha256(json.dumps([model.config.to_dict(), machine(), batch, seq_len, variants, keep_hidden],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache / "latency" / f"{key}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return LatencyModel(**json.loads(path.read_text()))
+    adapter = adapter_for(model)
+    dims = adapter.dims()
+    generator = torch.Generator().manual_seed(0)
+    dense_runner = torch_runner(model)
+    rows, dense_times = [], []
+    for i in tqdm(range(variants), desc="measuring latency on this machine", leave=False):
+        share = 0.1 + 0.9 * i / max(1, variants - 1)  # from a tenth of each group to all of it
+        fractions = {group: min(1.0, share * float(0.6 + 0.8 * torch.rand((), generator=generator)))
+                     for group in ("hidden", "heads", "ffn")}
+        fractions["drop"] = 0.3 * float(torch.rand((), generator=generator)) if i < variants - 1 else 0.0
+        kept = Kept.dense(dims) if i == variants - 1 else _random_kept(dims, fractions, generator)
+        if keep_hidden:
+            kept.hidden = list(range(dims.hidden))
+        variant = copy.deepcopy(model)
+        cut_model(adapter_for(variant), kept)
+        times = measure({"dense": dense_runner, "variant": torch_runner(variant)}, batch, seq_len, vocab_size,
+                        repeats, warmup=1)
+        dense_times.append(statistics.median(times["dense"]))
+        costs = adapter.cost(kept.size_tensors(), seq_len)
+        rows.append(([float(costs[name]) for name in FEATURES], statistics.median(times["variant"]) / dense_times[-1]))
+    dense_ms = statistics.median(dense_times)
+    fitted = _nonnegative_fit([features for features, _ in rows], [ratio * dense_ms for _, ratio in rows])
+    result = LatencyModel(intercept=fitted[0], coefficients=dict(zip(FEATURES, fitted[1:])), batch=batch,
+                          seq_len=seq_len, machine=machine(), dense_measured_ms=dense_ms, fit_error=0.0)
+    errors = [abs(float(result.predict(dict(zip(FEATURES, features)))) / (ratio * dense_ms) - 1)
+              for features, ratio in rows]
+    result = LatencyModel(**(asdict(result) | {"fit_error": max(errors)}))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def _nonnegative_fit(features: list[list[float]], targets: list[float]) -> list[float]:
+    """[intercept, coefficients...] >= 0 minimising the squared relative error (features scaled to unit size)."""
+    from scipy.optimize import nnls
+
+    x = torch.tensor([[1.0, *row] for row in features], dtype=torch.float64)
+    y = torch.tensor(targets, dtype=torch.float64)
+    scale = x.abs().amax(0).clamp(min=1e-12)
+    weights = 1 / y  # relative error: small models count as much as big ones
+    solution, _ = nnls(((x / scale) * weights[:, None]).numpy(), (y * weights).numpy())
+    return (torch.from_numpy(solution) / scale).tolist()

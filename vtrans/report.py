@@ -23,7 +23,7 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
     """`query_group`: query heads per KV head; with grouped-query attention a kept head is a KV head and its
     query heads, and each layer's record gives both counts."""
     target = budget.fraction(dense_cost)
-    achieved = compressed_cost[budget.kind] / dense_cost[budget.kind]
+    achieved = float(budget.of(compressed_cost) / budget.of(dense_cost))
     return {
         "method": method,
         "objective": objective,
@@ -51,7 +51,19 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
         "seed": seed,
         # the process's peak resident memory (teacher, student and data included), from the OS
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    } | _latency_model(budget, dense_cost, compressed_cost)
+
+
+def _latency_model(budget: Budget, dense_cost: dict, compressed_cost: dict) -> dict:
+    """For a latency budget: the latency this machine's fitted model predicted, to set beside the measured one."""
+    if budget.latency is None:
+        return {}
+    return {"latency_model": {"predicted_ms": {"dense": float(budget.of(dense_cost)),
+                                               "compressed": float(budget.of(compressed_cost))},
+                              "predicted_speedup": float(budget.of(dense_cost) / budget.of(compressed_cost)),
+                              "fit_error": budget.latency.fit_error,
+                              "coefficients": budget.latency.coefficients,
+                              "intercept": budget.latency.intercept}}
 
 
 def _with_query_heads(sizes: dict, query_group: int) -> dict:
@@ -60,6 +72,15 @@ def _with_query_heads(sizes: dict, query_group: int) -> dict:
         for layer in sizes["layers"]:
             layer["query_heads"] = layer["heads"] * query_group
     return sizes
+
+
+def _predicted_line(latency_model: dict | None) -> list[str]:
+    if latency_model is None:
+        return []
+    predicted = latency_model["predicted_ms"]
+    return [f"  predicted {predicted['dense']:.1f} ms -> {predicted['compressed']:.1f} ms "
+            f"({latency_model['predicted_speedup']:.2f}x) by this machine's latency model "
+            f"(fit within {latency_model['fit_error']:.0%} on the cut models it timed)"]
 
 
 def summary(report: dict, out) -> str:
@@ -82,6 +103,7 @@ def summary(report: dict, out) -> str:
         f"  latency   {dense['latency_ms']:.1f} ms -> {small['latency_ms']:.1f} ms "
         f"({report['speedup']:.2f}x, batch {report['latency_setting']['batch']} x "
         f"{report['latency_setting']['seq_len']} tokens, measured here)",
+        *_predicted_line(report.get("latency_model")),
         f"  kept      hidden {report['kept']['hidden']}; {heads}/FFN per layer: {per_layer}",
         *_fixup_line(report.get("selection_fixup")),
         f"  time      {report['compression_seconds']:.0f} s; "

@@ -419,7 +419,8 @@ class Adapter:
 
     # -- cost --------------------------------------------------------------------------------------------
     def cost(self, sizes: dict[str, torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
-        """Parameters and FLOPs of a model keeping `sizes` (counts, or expected counts: differentiable).
+        """Parameters and FLOPs of a model keeping `sizes` (counts, or expected counts: differentiable), and the
+        other terms a latency model reads (vtrans/latency.py: LatencyModel).
 
         FLOPs are 2 x the multiply-adds of every matmul for one sequence of s tokens (norms, activations and
         softmax left out), as in Kaplan et al. 2020, section 2.1: per layer 2 s (weights of the layer) for the
@@ -442,7 +443,10 @@ class Adapter:
         s = seq_len
         head_tokens = s if self.traits.head_tokens == "all" else 1
         flops = (2 * s * layer_weights + 2 * 2 * s * s * query_width).sum() + 2 * head_tokens * head_weights
-        return {"params": params, "flops": flops}
+        # what a latency model adds to FLOPs: each block kept costs launches and memory traffic of its own, and
+        # norms, residual adds and activations grow with the hidden width
+        return {"params": params, "flops": flops, "attention_blocks": sizes["attention"].sum(),
+                "mlp_blocks": sizes["ffn_block"].sum(), "hidden": h}
 
     def _norm_params(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.traits.norm == "rms" else 2 * h

@@ -19,7 +19,7 @@ def search_kept(adapter: Adapter, budget: Budget, scores: dict[str, torch.Tensor
     dims = adapter.dims()
     seq = budget.seq_len
     dense = dense_cost(adapter, seq)
-    target = budget.fraction(dense) * dense[budget.kind]
+    target = budget.fraction(dense) * budget.of(dense)
     every = list(range(dims.hidden))
     head_scores, head_rank = scores["heads"].flatten().sort(descending=True)
     neuron_scores, neuron_rank = scores["ffn"].flatten().sort(descending=True)
@@ -30,14 +30,14 @@ def search_kept(adapter: Adapter, budget: Budget, scores: dict[str, torch.Tensor
     kept_neurons_score = torch.cat([torch.zeros(1), neuron_scores.cumsum(0)])
     no_ffn = [[] for _ in range(dims.layers)]
     one_neuron = [[0]] + [[] for _ in range(dims.layers - 1)]
-    per_neuron = (exact_cost(adapter, Kept(every, no_ffn, one_neuron), seq)[budget.kind]
-                  - exact_cost(adapter, Kept(every, no_ffn, no_ffn), seq)[budget.kind])  # hidden is fixed
+    per_neuron = (budget.of(exact_cost(adapter, Kept(every, no_ffn, one_neuron), seq))
+                  - budget.of(exact_cost(adapter, Kept(every, no_ffn, no_ffn), seq)))  # hidden is fixed
     best = None
     for n_heads in range(len(head_order) + 1):
         heads = [[] for _ in range(dims.layers)]
         for layer, head in head_order[:n_heads]:
             heads[layer].append(head)
-        base = exact_cost(adapter, Kept(every, heads, no_ffn), seq)[budget.kind]
+        base = budget.of(exact_cost(adapter, Kept(every, heads, no_ffn), seq))
         if base > target:
             break
         n_neurons = min(len(neuron_order), int((target - base) // per_neuron))

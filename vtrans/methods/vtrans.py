@@ -178,7 +178,7 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     losses = distill_loss(model(**batch, output_hidden_states=True), teacher_out, labels,
                           batch["attention_mask"], settings.distill, job.objective, hidden_keep=hidden_keep)
     expected = adapter.cost(masks.expected_sizes(settings.temperature), budget.seq_len)
-    s = expected[budget.kind] / dense[budget.kind]
+    s = budget.of(expected) / budget.of(dense)
     t = 1 - (1 - target) * min(1.0, ramped)
     kl = masks.kl()
     loss = losses["loss"]
@@ -242,7 +242,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
                         optimizer.zero_grad(set_to_none=True)
                     if step % settings.log_every == 0 or step == steps - 1:
                         now = kept_from_keep(settled if settled is not None else masks.keep())
-                        kept_cost = exact_cost(adapter, now, budget.seq_len)[budget.kind] / dense[budget.kind]
+                        kept_cost = budget.of(exact_cost(adapter, now, budget.seq_len)) / budget.of(dense)
                         log.append({"phase": "prune", "step": step, "task": float(losses["task"]),
                                     "distill": float(losses["distill"]), "kl": kl, "expected_cost": s, "target": t,
                                     "kept_cost": kept_cost, "settled": settled is not None,
