@@ -1,7 +1,10 @@
 """Budget parsing, reachability and exact budget selection."""
+from dataclasses import replace
+
 import pytest
 import torch
-from conftest import tiny_model
+import transformers
+from conftest import TINY, tiny_model
 
 from vtrans.arch import Kept, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, exact_cost, hierarchical_keep, parse_target, select_kept
@@ -81,3 +84,22 @@ def test_vib_mask_keep_rule_and_kl():
     samples = mask.sample(20000)
     assert samples.shape == (20000, 3)
     assert torch.allclose(samples.std(0), torch.tensor([0.5, 0.5, 1.0]).sqrt(), rtol=0.05)
+
+
+@pytest.mark.parametrize("target", ["flops=0.5", "params=0.6"])
+def test_round_to_keeps_multiples_of_the_best_units_within_the_budget(target):
+    # wide enough that 8 neurons are finer than the 1% tolerance, as 64 are in real models
+    config = transformers.BertConfig(**TINY | dict(hidden_size=64, intermediate_size=192))
+    adapter = adapter_for(transformers.BertForSequenceClassification(config))
+    generator = torch.Generator().manual_seed(0)
+    worth = {name: torch.rand(shape, generator=generator) for name, shape in adapter.dims().mask_shapes().items()}
+    budget = parse_target(target, seq_len=16)
+    plain = select_kept(adapter, worth, budget)
+    assert any(len(ffn) % 8 for ffn in plain.ffn)  # without the option, sizes fall anywhere
+    rounded = select_kept(adapter, worth, replace(budget, multiple=8))
+    dense = exact_cost(adapter, Kept.dense(adapter.dims()), 16)[budget.kind]
+    achieved = exact_cost(adapter, rounded, 16)[budget.kind] / dense
+    assert budget.value * (1 - TOLERANCE) <= achieved <= budget.value
+    assert len(rounded.hidden) % 8 == 0 and all(len(ffn) % 8 == 0 for ffn in rounded.ffn), rounded.sizes()
+    for layer, ffn in enumerate(rounded.ffn):  # the best neurons of each layer, not any multiple of them
+        assert set(ffn) == set(worth["ffn"][layer].argsort(descending=True)[:len(ffn)].tolist())

@@ -55,6 +55,7 @@ class Options:
     distill_layers: str | None = None  # hidden states distilled: all, last, none; None: the objective's choice
     latency_batch: int = 32
     latency_seq_len: int = 64
+    round_to: int = 1  # kept FFN neurons per layer and hidden width in multiples of this
     resume: bool = False  # continue an interrupted run from its checkpoint
     checkpoint_every: int = 50  # steps between checkpoints (0: none)
 
@@ -86,6 +87,7 @@ def validate_options(opts: Options) -> None:
         ("--distill-layers", opts.distill_layers, opts.distill_layers in (None, *DISTILL_LAYERS),
          f"one of {', '.join(DISTILL_LAYERS)}"),
         ("--checkpoint-every", opts.checkpoint_every, opts.checkpoint_every >= 0, "0 or more"),
+        ("--round-to", opts.round_to, isinstance(opts.round_to, int) and opts.round_to >= 1, "an integer, at least 1"),
     ]
     for flag, value, ok, wanted in checks:
         if not ok:
@@ -124,7 +126,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     if method not in METHODS:
         raise UsageError(f"--method {method} is unknown; choose one of: {', '.join(METHODS)}")
     validate_options(opts)
-    budget = parse_target(target, opts.max_length)
+    budget = replace(parse_target(target, opts.max_length), multiple=opts.round_to)
     if budget.kind == "latency":  # timed at the latency batch and length, so its costs are counted at that length
         budget = replace(budget, seq_len=opts.latency_seq_len)
     out = Path(out)
@@ -135,7 +137,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
                          "or a datasets name)")
     identity = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
         name: getattr(opts, name) for name in ("objective", "eval_data", "max_length", "batch_size", "seed", "holdout",
-                                               "prune_epochs", "recover_epochs", "data_fraction", *MASK_OPTIONS)}
+                                               "prune_epochs", "recover_epochs", "data_fraction", "round_to",
+                                               *MASK_OPTIONS)}
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", opts.checkpoint_every, identity)
     if checkpoint.exists() and not (opts.resume or opts.overwrite):
         raise UsageError(f"an interrupted run left a checkpoint in {checkpoint.directory}: pass --resume to "

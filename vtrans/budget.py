@@ -28,6 +28,7 @@ class Budget:
     seq_len: int  # FLOPs are counted for one sequence of this many tokens
     absolute: bool = False
     latency: LatencyModel | None = None  # for latency budgets: predicted ms, fitted on this machine
+    multiple: int = 1  # kept FFN neurons per layer and hidden width rounded to multiples of this (see Chunks)
 
     def of(self, costs: dict):
         """The budgeted cost in `costs` (from `Adapter.cost`): a count, or the predicted latency in ms."""
@@ -141,12 +142,14 @@ class Selection:
     """A kept set under edit: its exact cost, and what each unit is worth per unit of cost."""
 
     def __init__(self, adapter: Adapter, worth: dict[str, torch.Tensor], keep: dict[str, torch.Tensor],
-                 budget: Budget):
+                 budget: Budget, sizes: dict[str, torch.Tensor] | None = None):
+        """`sizes`: how many units each entry stands for (a chunk of `Chunks`); 1 by default."""
         self.adapter, self.worth, self.budget = adapter, worth, budget
         self.kept = {name: k.clone().bool() for name, k in keep.items()}
+        self.sizes = sizes or {}
 
     def cost(self) -> float:
-        counts = unit_counts({name: k.double() for name, k in self.kept.items()})
+        counts = unit_counts({name: k.double() * self.sizes.get(name, 1) for name, k in self.kept.items()})
         return float(self.budget.of(self.adapter.cost(counts, self.budget.seq_len)))
 
     def price(self, name: str, index: tuple, current: float) -> float:
@@ -194,9 +197,64 @@ def _per_cost(value: float, price: float) -> float:
     return value if value == math.inf else value / price
 
 
+class Chunks:
+    """FFN neurons and hidden dims grouped `multiple` at a time, best with best by worth, each row (layer) on
+    its own: any set of kept chunks keeps a multiple of `multiple` units (hardware-friendly matrix sizes; a
+    row's last chunk holds the remainder). A chunk is worth what its members are together."""
+
+    GROUPS = ("hidden", "ffn")
+
+    def __init__(self, worth: dict[str, torch.Tensor], multiple: int):
+        self.members: dict[str, list[list[torch.Tensor]]] = {}  # group -> per row, the unit indices per chunk
+        self.worth, self.sizes = dict(worth), {}
+        for name in self.GROUPS:
+            rows = worth[name].reshape(-1, worth[name].shape[-1])
+            self.members[name] = [row.argsort(descending=True, stable=True).split(multiple) for row in rows]
+            chunk_worth = [[float(row[chunk].sum()) for chunk in chunks]
+                           for row, chunks in zip(rows, self.members[name])]
+            shape = (*worth[name].shape[:-1], -1)
+            self.worth[name] = torch.tensor(chunk_worth, dtype=worth[name].dtype).reshape(shape)
+            self.sizes[name] = torch.tensor([[len(chunk) for chunk in chunks] for chunks in self.members[name]],
+                                            dtype=torch.float64).reshape(shape)
+
+    def to_chunks(self, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A unit-level kept set as chunks: a chunk is kept if most of its members are."""
+        out = dict(keep)
+        for name in self.GROUPS:
+            rows = keep[name].reshape(-1, keep[name].shape[-1]).float()
+            kept = [[bool(row[chunk].mean() > 0.5) for chunk in chunks]
+                    for row, chunks in zip(rows, self.members[name])]
+            out[name] = torch.tensor(kept).reshape(self.worth[name].shape)
+        return out
+
+    def to_units(self, keep: dict[str, torch.Tensor], unit_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        out = dict(keep)
+        for name in self.GROUPS:
+            units = torch.zeros(unit_shapes[name], dtype=torch.bool)
+            rows, kept_rows = units.reshape(-1, units.shape[-1]), keep[name].reshape(-1, keep[name].shape[-1])
+            for row, kept, chunks in zip(rows, kept_rows, self.members[name]):
+                for chunk, on in zip(chunks, kept.tolist()):
+                    row[chunk] = on
+            out[name] = units
+        return out
+
+
 def select_kept(adapter: Adapter, worth: dict[str, torch.Tensor], budget: Budget,
                 keep: dict[str, torch.Tensor] | None = None) -> Kept:
-    """The kept set closest to `keep` (default: everything) that meets the budget.
+    """The kept set closest to `keep` (default: everything) that meets the budget, in multiples of
+    `budget.multiple` FFN neurons per layer and hidden dims (`Chunks`) when that is more than 1."""
+    if budget.multiple <= 1:
+        return kept_from_keep(_select(adapter, worth, budget, keep))
+    chunks = Chunks(worth, budget.multiple)
+    start = chunks.to_chunks(keep) if keep is not None else None
+    kept = _select(adapter, chunks.worth, budget, start, chunks.sizes)
+    return kept_from_keep(chunks.to_units(kept, {name: w.shape for name, w in worth.items()}))
+
+
+def _select(adapter: Adapter, worth: dict[str, torch.Tensor], budget: Budget,
+            keep: dict[str, torch.Tensor] | None = None, sizes: dict[str, torch.Tensor] | None = None
+            ) -> dict[str, torch.Tensor]:
+    """The kept set (boolean tensors shaped like `worth`) closest to `keep` that meets the budget.
 
     `worth` (>= 0 per unit, shaped like the masks; inf: never drop) is what a unit is worth, and each unit
     is judged by its worth per cost in the current kept set. A block is worth what it holds, so its worth
@@ -210,7 +268,7 @@ def select_kept(adapter: Adapter, worth: dict[str, torch.Tensor], budget: Budget
     target = budget.fraction(dense) * budget.of(dense)
     floor = target * (1 - TOLERANCE)
     start = keep if keep is not None else {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
-    selection = Selection(adapter, worth, start, budget)
+    selection = Selection(adapter, worth, start, budget, sizes)
     kept = selection.kept
 
     def drop(groups=None) -> float:
@@ -266,4 +324,4 @@ def select_kept(adapter: Adapter, worth: dict[str, torch.Tensor], budget: Budget
             kept[name][index] = False  # not enough neurons to make room: give up on it
             break
         current = fill()
-    return kept_from_keep(kept)
+    return kept
