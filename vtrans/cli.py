@@ -146,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=2, help="untimed passes first (default: 2)")
     t.add_argument("--out", help="also write the rows to this JSON file")
     t.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+    n = commands.add_parser("plan", help="parameters, FLOPs and each method's peak memory, from the config alone",
+                            description="Reads MODEL's config only (no weights): parameters and FLOPs, dense and at "
+                                        "the target, and the estimated peak memory of each method at the batch size "
+                                        "and length given, so that you know what machine a run needs.")
+    n.add_argument("model", nargs="?", help="Hugging Face name or local path (default: bundled all-MiniLM-L6-v2)")
+    n.add_argument("--target", default="flops=0.4", help="flops=F or params=P (default: flops=0.4)")
+    n.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    n.add_argument("--objective", default=DEFAULTS.objective, choices=list(OBJECTIVES))
+    n.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    n.add_argument("--max-length", type=int, default=DEFAULTS.max_length)
+    n.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return parser
 
 
@@ -205,6 +217,18 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(rows))
             if args.out:
                 Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        elif args.command == "plan":
+            from vtrans.plan import markdown, plan
+            from vtrans.teacher import default_model_path
+
+            methods = split_list(args.methods)
+            unknown = [m for m in methods if m not in METHODS]
+            if unknown or not methods:
+                raise UsageError(f"--methods {','.join(unknown) or args.methods}: choose from {', '.join(METHODS)}")
+            if args.batch_size < 1 or args.max_length < 2:
+                raise UsageError("--batch-size must be at least 1 and --max-length at least 2")
+            print(markdown(plan(args.model or default_model_path(), args.target, methods, args.objective,
+                                args.batch_size, args.max_length)))
         elif args.command == "report":
             from vtrans.report import write_html
 

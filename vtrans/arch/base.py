@@ -292,6 +292,10 @@ class Adapter:
             norms += [layer.get_submodule(path) for path in self.layer_parts.norms]
         return norms + ([self.base.get_submodule(self.final_norm)] if self.final_norm else [])
 
+    def head_outputs(self) -> int:
+        """The outputs of the head's last linear: labels, vocabulary, or a bare encoder's width (0: no head)."""
+        return self._shape.head_outputs
+
     def tied_head(self) -> bool:
         """Whether the last head linear shares its weight with the input embedding (GPT-2, small LLaMAs), as
         the config says: a model built without weights is not tied yet."""

@@ -1,0 +1,26 @@
+"""`vtrans plan`: a run's needs from the config alone."""
+import pytest
+from conftest import tiny_model, write_tiny_checkpoint
+
+from vtrans.cli import main
+from vtrans.plan import plan
+
+
+def test_plan_counts_the_real_parameters_and_orders_methods_by_what_they_hold(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "model", "gpt2-lm")
+    result = plan(str(ckpt), "params=0.5", ["vtrans", "faster-vtrans", "magnitude"], objective="lm", batch=4,
+                  seq_len=16)
+    assert result["dense"]["params"] == sum(p.numel() for p in tiny_model("gpt2-lm").parameters())
+    assert result["budget"]["value"] == pytest.approx(0.5 * result["dense"]["params"])
+    peak = result["peak_gb"]
+    assert peak["vtrans"] > peak["faster-vtrans"] > peak["magnitude"]  # weights train > masks train > neither
+    longer = plan(str(ckpt), "params=0.5", ["vtrans"], objective="lm", batch=4, seq_len=32)["peak_gb"]["vtrans"]
+    assert longer > peak["vtrans"]
+
+
+def test_plan_refuses_unknown_methods_and_unreachable_targets(tmp_path, capsys):
+    ckpt = write_tiny_checkpoint(tmp_path / "model", "bert")
+    assert main(["plan", str(ckpt), "--methods", "vtrans,nonsense"]) == 2
+    assert "--methods nonsense" in capsys.readouterr().err
+    assert main(["plan", str(ckpt), "--target", "params=1G"]) == 2
+    assert "larger than the dense model" in capsys.readouterr().err
