@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import init_empty_weights
-from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING
 
 from vtrans.arch import Adapter, Dims, Kept, adapter_class_for
 from vtrans.deploy import remote_code
-from vtrans.deploy.modeling_vtrans import resize
+from vtrans.deploy.modeling_vtrans import Resized
 from vtrans.errors import UsageError
 
 
@@ -108,43 +107,28 @@ def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = N
     return Path(out_dir)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint directory, from safetensors only (never a pickle)."""
-    single = path / "model.safetensors"
-    if single.exists():
-        return load_file(single)
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
-        raise UsageError(f"{path} holds no model.safetensors; point at a directory written by vtrans")
-    state = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        state.update(load_file(path / shard))
-    return state
-
-
 def load(path: str | os.PathLike):
-    """A compressed model saved by vtrans, ready to use (eval mode), in one call."""
+    """A compressed model saved by vtrans, ready to use (eval mode), in one call.
+
+    The dense architecture comes from config.json and the weights from safetensors through transformers'
+    `from_pretrained` (which knows each family's checkpoint layout), resized in between by the same code a
+    `trust_remote_code` load runs; the directory's own copy of that code is never executed."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise UsageError(f"{path} is not a vtrans model directory (no config.json)")
-    # the dense architecture from JSON (never running the directory's modeling code), resized as that code does
+    if not any(path.glob("model*.safetensors")):
+        raise UsageError(f"{path} holds no model.safetensors; point at a directory written by vtrans")
     saved = remote_code.dense_config_dict(json.loads((path / "config.json").read_text()))
     config = CONFIG_MAPPING[saved["model_type"]].from_dict(saved)
-    record = getattr(config, "vtrans", None)
     model_class = getattr(transformers, config.architectures[0])
-    with init_empty_weights():  # no time spent initialising weights that the checkpoint replaces
-        model = model_class(config)
-        adapter = adapter_class_for(config.model_type)(model)
-        if record is not None:
-            record.setdefault("parts", adapter.parts_record())  # a directory written before parts were recorded
-            resize(model, record)
-    state = read_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = adapter.tied_head()
-    if tied:  # saved once, as the embedding
-        adapter.tie_head()
-        missing = [key for key in missing if key != f"{adapter.head_paths()[-1]}.weight"]
-    if missing or unexpected:
-        raise UsageError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; "
-                         "was it written by this version of vtrans?")
+    record = getattr(config, "vtrans", None)
+    if record is not None:
+        if "parts" not in record:  # a directory written before parts were recorded: the family says where they are
+            with init_empty_weights():
+                record["parts"] = adapter_class_for(config.model_type)(model_class(config)).parts_record()
+        model_class = type(model_class.__name__, (Resized, model_class), {})
+    model, info = model_class.from_pretrained(path, config=config, use_safetensors=True, output_loading_info=True)
+    wrong = {kind: sorted(keys)[:3] for kind, keys in info.items() if kind != "error_msgs" and keys}
+    if wrong:
+        raise UsageError(f"{path} does not match its config ({wrong}); was it written by this version of vtrans?")
     return model.eval()

@@ -5,9 +5,10 @@ from vtrans.arch.base import Adapter, Dims, Kept, MaskValues, detach_masks, unit
 from vtrans.arch.bert import BertAdapter
 from vtrans.arch.gpt2 import GPT2Adapter
 from vtrans.arch.llama import LlamaAdapter
+from vtrans.arch.vit import ViTAdapter
 from vtrans.errors import UsageError
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter, ViTAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -26,9 +26,11 @@ from torch import nn
 
 from vtrans.deploy.modeling_vtrans import (
     empty_block,
+    replace_parameter,
     resized_embedding,
     resized_linear,
     resized_norm,
+    resized_projection,
     set_attention_sizes,
     weight_out_in,
 )
@@ -204,6 +206,15 @@ def cut_embedding(old: nn.Embedding, keep: torch.Tensor) -> nn.Embedding:
     return new
 
 
+def cut_projection(old: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """An input projection (Linear or patch Conv2d) keeping only the given outputs."""
+    new = resized_projection(old, len(keep))
+    new.weight.data.copy_(old.weight.data[keep])
+    if old.bias is not None:
+        new.bias.data.copy_(old.bias.data[keep])
+    return new
+
+
 def norm_eps(norm: nn.Module) -> float:
     return norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
 
@@ -228,7 +239,8 @@ class Shape:
     not (0.0), the embedding tables' rows, the head's outputs and whether it is tied to the embedding."""
 
     bias: dict[str, float]
-    embedding_rows: int
+    embedding_rows: int  # parameters per hidden dim outside the layers: embedding rows, vector entries
+    projection_inputs: int  # weights (and biases) per hidden dim of the input projections, used once per token
     head_biases: list[float]
     head_outputs: int
     tied_head: bool
@@ -243,6 +255,9 @@ class Adapter:
     layer_parts: LayerParts
     layers_path: str = ""  # the transformer layers, from the base model
     embeddings: tuple[str, ...] = ()  # every embedding table of width hidden, from the base model
+    embedding_projections: tuple[str, ...] = ()  # input projections writing the hidden dims (a patch Conv2d)
+    embedding_vectors: tuple[str, ...] = ()  # parameters whose last axis is the hidden width (CLS token, positions)
+    projected_tokens_missing: int = 0  # tokens the projections do not make (a CLS token), for their FLOPs
     embedding_norm: str | None = None  # a norm right after the embeddings (post-norm encoders)
     final_norm: str | None = None  # a norm after the last layer (pre-norm models)
     # attributes an attention module keeps about its own size, set on a cut: "heads" (head units) or "width"
@@ -333,7 +348,11 @@ class Adapter:
             bias={"query": query, "key": key, "value": value,
                   "attention_output": has_bias(parts.attention_output),
                   "mlp_input": has_bias(parts.mlp_inputs[0]), "mlp_output": has_bias(parts.mlp_output)},
-            embedding_rows=sum(self.base.get_submodule(path).num_embeddings for path in self.embeddings),
+            embedding_rows=sum(self.base.get_submodule(path).num_embeddings for path in self.embeddings)
+            + sum(self.base.get_parameter(path)[..., 0].numel() for path in self.embedding_vectors),
+            projection_inputs=sum(self.base.get_submodule(path).weight[0].numel()
+                                  + (self.base.get_submodule(path).bias is not None)
+                                  for path in self.embedding_projections),
             head_biases=[float(linear.bias is not None) for linear in head],
             head_outputs=weight_out_in(head[-1]).shape[0] if head else 0,
             tied_head=self.tied_head(),
@@ -443,10 +462,13 @@ class Adapter:
         layer_params = layer_weights + layer_biases + len(self.layer_parts.norms) * self._norm_params(h)
         base_norms = (self.embedding_norm is not None) + (self.final_norm is not None)
         head_params, head_weights = self._head_cost(h)
-        params = shape.embedding_rows * h + base_norms * self._norm_params(h) + layer_params.sum() + head_params
+        params = ((shape.embedding_rows + shape.projection_inputs) * h + base_norms * self._norm_params(h)
+                  + layer_params.sum() + head_params)
         s = seq_len
         head_tokens = s if self.traits.head_tokens == "all" else 1
-        flops = (2 * s * layer_weights + 2 * 2 * s * s * query_width).sum() + 2 * head_tokens * head_weights
+        projected = s - self.projected_tokens_missing  # e.g. image patches: every token but the CLS
+        flops = ((2 * s * layer_weights + 2 * 2 * s * s * query_width).sum() + 2 * head_tokens * head_weights
+                 + 2 * projected * shape.projection_inputs * h)
         # what a latency model adds to FLOPs: each block kept costs launches and memory traffic of its own, and
         # norms, residual adds and activations grow with the hidden width
         return {"params": params, "flops": flops, "attention_blocks": sizes["attention"].sum(),
@@ -496,6 +518,10 @@ class Adapter:
         h = torch.tensor(kept.hidden, dtype=torch.long)
         for path in self.embeddings:
             self._replace(self.base, path, cut_embedding(self.base.get_submodule(path), h))
+        for path in self.embedding_projections:
+            self._replace(self.base, path, cut_projection(self.base.get_submodule(path), h))
+        for path in self.embedding_vectors:
+            replace_parameter(self.base, path, nn.Parameter(self.base.get_parameter(path).data[..., h].clone()))
         if self.embedding_norm:
             self._replace(self.base, self.embedding_norm, cut_norm(self.base.get_submodule(self.embedding_norm), h))
         if self.final_norm:
@@ -534,6 +560,8 @@ class Adapter:
         return {
             "layers": self.layers_path,
             "embeddings": list(self.embeddings),
+            "embedding_projections": list(self.embedding_projections),
+            "embedding_vectors": list(self.embedding_vectors),
             "embedding_norm": self.embedding_norm,
             "final_norm": self.final_norm,
             "head": list(self.head_paths()),

@@ -10,8 +10,9 @@ loads the smaller model with torch and transformers alone. `vtrans.load` builds 
 config.json keeps the dense architecture; its "vtrans" entry says where the parts are ("parts") and how many
 units each keeps ("kept"):
 
-    parts   layers, embeddings, embedding_norm, final_norm, head: module paths (the head from the model, the rest
-            from the base model); per layer: attention, attention_inputs, attention_output, mlp, mlp_inputs,
+    parts   layers, embeddings, embedding_projections (a patch Conv2d), embedding_vectors (parameters such as a
+            CLS token), embedding_norm, final_norm, head: paths (the head from the model, the rest from the base
+            model); per layer: attention, attention_inputs, attention_output, mlp, mlp_inputs,
             mlp_output, norms; fused_qkv, query_group (query heads per KV head), head_dim, and
             attention_sizes: attributes an attention module keeps about its own size ("heads" or "width")
     kept    hidden: the kept hidden width; layers: per layer the kept head units (a KV head with its query
@@ -75,6 +76,35 @@ def resized_embedding(old: nn.Embedding, width: int) -> nn.Embedding:
     )
 
 
+def resized_projection(old: nn.Module, width: int) -> nn.Module:
+    """An input projection (a Linear, or a vision model's patch Conv2d) with `width` outputs, uninitialised."""
+    if not isinstance(old, nn.Conv2d):
+        return resized_linear(old, width, weight_out_in(old).shape[1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return torch.nn.utils.skip_init(
+            nn.Conv2d,
+            old.in_channels,
+            width,
+            old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            bias=old.bias is not None,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
+
+
+def resized_vector(old: torch.Tensor, width: int) -> nn.Parameter:
+    """A parameter whose last axis is the hidden width (a CLS token, position embeddings), uninitialised."""
+    return nn.Parameter(torch.empty(*old.shape[:-1], width, device=old.device, dtype=old.dtype))
+
+
+def replace_parameter(root: nn.Module, path: str, parameter: nn.Parameter) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, parameter)
+
+
 class EmptyBlock(nn.Module):
     """Stands in for an attention (or MLP) module that keeps no heads (or neurons): it contributes only its
     output projection's bias, zero once the block is dropped. The projection, when it lives inside the
@@ -135,6 +165,10 @@ def resize(model: nn.Module, record: dict) -> None:
     hidden = kept["hidden"]
     for path in parts["embeddings"]:
         replace(base, path, resized_embedding(base.get_submodule(path), hidden))
+    for path in parts.get("embedding_projections", ()):
+        replace(base, path, resized_projection(base.get_submodule(path), hidden))
+    for path in parts.get("embedding_vectors", ()):
+        replace_parameter(base, path, resized_vector(base.get_parameter(path), hidden))
     for path in (parts["embedding_norm"], parts["final_norm"]):
         if path:
             replace(base, path, resized_norm(base.get_submodule(path), hidden))
@@ -167,3 +201,11 @@ def resize(model: nn.Module, record: dict) -> None:
             last.in_features = hidden
         else:
             replace(model, head[-1], resized_linear(last, weight_out_in(last).shape[0], hidden))
+
+
+class Resized:
+    """Mixin before a transformers model class: the dense architecture, resized to `config.vtrans` as it is built."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize(self, config.vtrans)

@@ -23,6 +23,7 @@ MODULE = "modeling_vtrans"
 AUTO_CLASSES = (
     ("AutoModelForSequenceClassification", modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
     ("AutoModelForCausalLM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    ("AutoModelForImageClassification", modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES),
     ("AutoModel", modeling_auto.MODEL_MAPPING_NAMES),
 )
 
@@ -36,12 +37,8 @@ class VTransConfig({config_class}):
     model_type = "{model_type}"
 
 
-class VTrans{architecture}({architecture}):
+class VTrans{architecture}(Resized, {architecture}):
     config_class = VTransConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        resize(self, config.vtrans)
 '''
 
 # Some task models build their base model through AutoModel (LLaMA's sequence classifier): it must know the config.
