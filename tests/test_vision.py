@@ -1,5 +1,6 @@
-"""The ViT family: a patch Conv2d, a CLS token and position vectors write the hidden dims; the same invariants
-as every text family (cut = masked, cost = real parameters, reload with and without vtrans)."""
+"""Vision families (ViT, DINOv2): a patch Conv2d, a CLS token and position vectors write the hidden dims (DINOv2
+adds LayerScale and a classifier over [CLS, mean patch]); the same invariants as every text family (cut =
+masked, cost = real parameters, reload with and without vtrans)."""
 import pytest
 import torch
 import transformers
@@ -13,12 +14,18 @@ from vtrans.surgery import cut_model, masked_values, save
 
 VIT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=16,
            patch_size=4, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+VISION = {
+    "vit": ("ViTForImageClassification", "ViTConfig", VIT),
+    "dinov2": ("Dinov2ForImageClassification", "Dinov2Config",
+               {k: v for k, v in VIT.items() if k != "intermediate_size"} | dict(mlp_ratio=2, layerscale_value=0.5)),
+}
 
 
-@pytest.fixture
-def vit():
+@pytest.fixture(params=list(VISION))
+def vit(request):
+    model_class, config_class, config = VISION[request.param]
     torch.manual_seed(0)
-    model = transformers.ViTForImageClassification(transformers.ViTConfig(**VIT)).eval()
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
     return model, adapter_for(model), {"pixel_values": torch.randn(2, 3, 16, 16)}
 
 
@@ -33,7 +40,7 @@ def test_a_cut_vit_gives_the_masked_logits_and_counts_its_real_parameters(vit):
         cut = model(**images).logits
     assert torch.allclose(cut, masked, atol=1e-5), (cut - masked).abs().max()
     assert cost["params"] == sum(p.numel() for p in model.parameters())
-    assert model.vit.embeddings.cls_token.shape[-1] == len(kept.hidden)
+    assert model.base_model.embeddings.cls_token.shape[-1] == len(kept.hidden)
 
 
 def test_a_cut_vit_reloads_with_vtrans_and_with_trust_remote_code(vit, tmp_path, monkeypatch):

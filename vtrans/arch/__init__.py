@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from vtrans.arch.base import Adapter, Dims, Kept, MaskValues, detach_masks, unit_counts
 from vtrans.arch.bert import BertAdapter
+from vtrans.arch.dinov2 import Dinov2Adapter
 from vtrans.arch.gpt2 import GPT2Adapter
 from vtrans.arch.llama import LlamaAdapter
 from vtrans.arch.vit import ViTAdapter
 from vtrans.errors import UsageError
 
-ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter, ViTAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter, ViTAdapter, Dinov2Adapter)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

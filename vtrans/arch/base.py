@@ -81,6 +81,7 @@ class LayerParts:
     mlp_output: str
     norms: tuple[str, ...]
     mlp: str | None = None  # replaced by `EmptyBlock` when the layer keeps no neurons (None: never needed)
+    vectors: tuple[str, ...] = ()  # parameters whose last axis is the hidden width (DINOv2's LayerScale)
 
 
 @dataclass
@@ -241,6 +242,7 @@ class Shape:
     bias: dict[str, float]
     embedding_rows: int  # parameters per hidden dim outside the layers: embedding rows, vector entries
     projection_inputs: int  # weights (and biases) per hidden dim of the input projections, used once per token
+    layer_vector_rows: int  # parameters per hidden dim of each layer's vectors (LayerScale)
     head_biases: list[float]
     head_outputs: int
     tied_head: bool
@@ -258,6 +260,7 @@ class Adapter:
     embedding_projections: tuple[str, ...] = ()  # input projections writing the hidden dims (a patch Conv2d)
     embedding_vectors: tuple[str, ...] = ()  # parameters whose last axis is the hidden width (CLS token, positions)
     projected_tokens_missing: int = 0  # tokens the projections do not make (a CLS token), for their FLOPs
+    head_input_copies: int = 1  # hidden-wide pieces the head's first linear reads (DINOv2: CLS and mean patch)
     embedding_norm: str | None = None  # a norm right after the embeddings (post-norm encoders)
     final_norm: str | None = None  # a norm after the last layer (pre-norm models)
     # attributes an attention module keeps about its own size, set on a cut: "heads" (head units) or "width"
@@ -350,6 +353,7 @@ class Adapter:
                   "mlp_input": has_bias(parts.mlp_inputs[0]), "mlp_output": has_bias(parts.mlp_output)},
             embedding_rows=sum(self.base.get_submodule(path).num_embeddings for path in self.embeddings)
             + sum(self.base.get_parameter(path)[..., 0].numel() for path in self.embedding_vectors),
+            layer_vector_rows=sum(layer.get_parameter(path)[..., 0].numel() for path in parts.vectors),
             projection_inputs=sum(self.base.get_submodule(path).weight[0].numel()
                                   + (self.base.get_submodule(path).bias is not None)
                                   for path in self.embedding_projections),
@@ -459,7 +463,8 @@ class Adapter:
         layer_biases = (query_width * shape.bias["query"] + key_width * (shape.bias["key"] + shape.bias["value"])
                         + h * shape.bias["attention_output"] + mlp_inputs * ffn * shape.bias["mlp_input"]
                         + h * shape.bias["mlp_output"])
-        layer_params = layer_weights + layer_biases + len(self.layer_parts.norms) * self._norm_params(h)
+        layer_params = (layer_weights + layer_biases + len(self.layer_parts.norms) * self._norm_params(h)
+                        + shape.layer_vector_rows * h)
         base_norms = (self.embedding_norm is not None) + (self.final_norm is not None)
         head_params, head_weights = self._head_cost(h)
         params = ((shape.embedding_rows + shape.projection_inputs) * h + base_norms * self._norm_params(h)
@@ -482,13 +487,15 @@ class Adapter:
         params = weights = torch.zeros((), dtype=torch.float64)
         if not self._shape.head_biases:  # a bare encoder
             return params, weights
-        for has_bias in self._shape.head_biases[:-1]:  # hidden -> hidden
-            weights = weights + h * h
-            params = params + h * h + h * has_bias
+        inputs = h * self.head_input_copies  # the first linear's input width
+        for has_bias in self._shape.head_biases[:-1]:  # -> hidden
+            weights = weights + inputs * h
+            params = params + inputs * h + h * has_bias
+            inputs = h
         outputs = self._shape.head_outputs
-        weights = weights + h * outputs
+        weights = weights + inputs * outputs
         if not self._shape.tied_head:  # a tied head's weight is the embedding's, counted there
-            params = params + h * outputs + outputs * self._shape.head_biases[-1]
+            params = params + inputs * outputs + outputs * self._shape.head_biases[-1]
         return params, weights
 
     # -- surgery -----------------------------------------------------------------------------------------
@@ -529,6 +536,8 @@ class Adapter:
         for layer, heads, ffn in zip(self.layer_modules(), kept.heads, kept.ffn):
             for path in parts.norms:
                 self._replace(layer, path, cut_norm(layer.get_submodule(path), h))
+            for path in parts.vectors:
+                replace_parameter(layer, path, nn.Parameter(layer.get_parameter(path).data[..., h].clone()))
             columns = _unit_rows(torch.tensor(heads, dtype=torch.long), dims.query_group * dims.head_dim)
             for path, rows in zip(parts.attention_inputs, self.attention_rows(heads, dims)):
                 self._replace(layer, path, cut_linear(layer.get_submodule(path), rows, h))
@@ -545,13 +554,21 @@ class Adapter:
             if not ffn and parts.mlp is not None:
                 self._replace(layer, parts.mlp, empty_block(layer, parts.mlp, parts.mlp_output, attention=False))
         head_paths = self.head_paths()
-        for path in head_paths[:-1]:
-            self._replace(self.model, path, cut_linear(self.model.get_submodule(path), h, h))
+        first_columns = self._head_input_columns(h, dims)
+        for i, path in enumerate(head_paths[:-1]):
+            columns = first_columns if i == 0 else h
+            self._replace(self.model, path, cut_linear(self.model.get_submodule(path), h, columns))
         if tied:  # the head is the cut embedding: share it rather than copy a vocabulary-sized weight first
             self.tie_head()
             self.head()[-1].in_features = len(h)
         elif head_paths:  # the last head linear keeps its outputs (labels, vocabulary, a bare encoder's pooler)
-            self._replace(self.model, head_paths[-1], cut_linear(self.model.get_submodule(head_paths[-1]), None, h))
+            columns = h if len(head_paths) > 1 else first_columns
+            self._replace(self.model, head_paths[-1],
+                          cut_linear(self.model.get_submodule(head_paths[-1]), None, columns))
+
+    def _head_input_columns(self, h: torch.Tensor, dims: Dims) -> torch.Tensor:
+        """The first head linear's kept input columns: the kept dims in each hidden-wide piece it reads."""
+        return torch.cat([h + copy * dims.hidden for copy in range(self.head_input_copies)])
 
     def parts_record(self) -> dict:
         """Where the parts are and what sizes they take, as config.json records them for `resize`
@@ -573,6 +590,8 @@ class Adapter:
             "mlp_inputs": list(parts.mlp_inputs),
             "mlp_output": parts.mlp_output,
             "norms": list(parts.norms),
+            "vectors": list(parts.vectors),
+            "head_input_copies": self.head_input_copies,
             "fused_qkv": self.traits.fused_qkv,
             "query_group": dims.query_group,
             "head_dim": dims.head_dim,

@@ -12,9 +12,10 @@ units each keeps ("kept"):
 
     parts   layers, embeddings, embedding_projections (a patch Conv2d), embedding_vectors (parameters such as a
             CLS token), embedding_norm, final_norm, head: paths (the head from the model, the rest from the base
-            model); per layer: attention, attention_inputs, attention_output, mlp, mlp_inputs,
-            mlp_output, norms; fused_qkv, query_group (query heads per KV head), head_dim, and
-            attention_sizes: attributes an attention module keeps about its own size ("heads" or "width")
+            model); per layer: attention, attention_inputs, attention_output, mlp, mlp_inputs, mlp_output,
+            norms, vectors (LayerScale); head_input_copies (hidden-wide pieces the head reads); fused_qkv,
+            query_group (query heads per KV head), head_dim, and attention_sizes: attributes an attention
+            module keeps about its own size ("heads" or "width")
     kept    hidden: the kept hidden width; layers: per layer the kept head units (a KV head with its query
             group), FFN neurons, and whether the attention and MLP blocks are kept
 
@@ -175,6 +176,8 @@ def resize(model: nn.Module, record: dict) -> None:
     for layer, sizes in zip(base.get_submodule(parts["layers"]), kept["layers"]):
         for path in parts["norms"]:
             replace(layer, path, resized_norm(layer.get_submodule(path), hidden))
+        for path in parts.get("vectors", ()):
+            replace_parameter(layer, path, resized_vector(layer.get_parameter(path), hidden))
         heads, neurons = sizes["heads"], sizes["ffn"]
         for path, width in zip(parts["attention_inputs"], attention_widths(heads, parts)):
             replace(layer, path, resized_linear(layer.get_submodule(path), width, hidden))
@@ -192,15 +195,17 @@ def resize(model: nn.Module, record: dict) -> None:
         if not neurons and parts["mlp"] is not None:
             replace(layer, parts["mlp"], empty_block(layer, parts["mlp"], output, attention=False))
     head = parts["head"]
-    for path in head[:-1]:  # hidden -> hidden
-        replace(model, path, resized_linear(model.get_submodule(path), hidden, hidden))
+    inputs = hidden * parts.get("head_input_copies", 1)  # the first head linear may read several hidden-wide pieces
+    for path in head[:-1]:  # -> hidden
+        replace(model, path, resized_linear(model.get_submodule(path), hidden, inputs))
+        inputs = hidden
     if head:  # the last head linear keeps its outputs (labels, vocabulary, a bare encoder's pooler)
         last = model.get_submodule(head[-1])
         if parts["tied_head"]:  # shares the input embedding's weight
             last.weight = base.get_submodule(parts["embeddings"][0]).weight
             last.in_features = hidden
         else:
-            replace(model, head[-1], resized_linear(last, weight_out_in(last).shape[0], hidden))
+            replace(model, head[-1], resized_linear(last, weight_out_in(last).shape[0], inputs))
 
 
 class Resized:
