@@ -12,6 +12,7 @@ from conftest import FAMILIES, WORDS, random_kept, tiny_batch, tiny_model, write
 import vtrans
 from vtrans import load
 from vtrans.arch import adapter_for
+from vtrans.cli import main
 from vtrans.deploy.onnx import export, onnx_session
 from vtrans.objectives.features import mean_pool
 from vtrans.surgery import cut_model, save
@@ -157,3 +158,23 @@ def test_onnx_export_runs_in_onnxruntime_with_the_pytorch_outputs(tmp_path, fami
     assert int8.shape == expected.shape and int8.isfinite().all()
     operators = {node.op_type for node in onnx.load(tmp_path / "onnx" / "model_int8.onnx").graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= operators, operators
+
+
+def test_vtrans_latency_times_dense_compressed_and_onnx_side_by_side(tmp_path, capsys):
+    dense = write_tiny_checkpoint(tmp_path / "dense", "gpt2-lm")
+    compressed = compress_tiny("gpt2-lm", tmp_path / "small", dense)
+    export(compressed, tmp_path / "onnx")
+    out = tmp_path / "latency.json"
+    argv = ["latency", str(dense), "--compare", str(compressed), "--compare", str(tmp_path / "onnx"),
+            "--batch-sizes", "1,2", "--seq-lens", "8", "--repeats", "2", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["batch"], row["seq_len"]) for row in rows] == [(1, 8), (2, 8)]
+    assert all(len(row["models"]) == 3 and row["models"][str(dense)]["speedup"] == 1 for row in rows)
+    assert "| 2 x 8 |" in capsys.readouterr().out
+
+    assert main(["latency", str(dense), "--compare", str(compressed), "--batch-sizes", "1", "--seq-lens", "4",
+                 "--repeats", "1", "--new-tokens", "3"]) == 0
+    assert "generating 3 tokens" in capsys.readouterr().out
+    assert main(["latency", str(dense), "--compare", str(tmp_path / "onnx"), "--new-tokens", "3"]) == 2
+    assert "ONNX graph of one forward pass" in capsys.readouterr().err

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-lens", default="16,128", help="comma-separated tokens per sequence (default: 16,128)")
     t.add_argument("--repeats", type=int, default=10, help="timed passes per model and shape (default: 10)")
     t.add_argument("--warmup", type=int, default=2, help="untimed passes first (default: 2)")
+    t.add_argument("--new-tokens", type=int, default=0,
+                   help="time generating this many tokens after each prompt (decoders), not one forward pass")
     t.add_argument("--out", help="also write the rows to this JSON file")
     t.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
@@ -210,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "latency":
             from vtrans.latency import compare, markdown
 
-            if args.repeats < 1 or args.warmup < 0:
-                raise UsageError("--repeats must be at least 1 and --warmup 0 or more")
+            if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 0:
+                raise UsageError("--repeats must be at least 1, --warmup and --new-tokens 0 or more")
             rows = compare([args.model, *args.compare], int_list(args.batch_sizes, "--batch-sizes"),
-                           int_list(args.seq_lens, "--seq-lens"), repeats=args.repeats, warmup=args.warmup)
+                           int_list(args.seq_lens, "--seq-lens"), repeats=args.repeats, warmup=args.warmup,
+                           new_tokens=args.new_tokens)
             print(markdown(rows))
             if args.out:
                 Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")

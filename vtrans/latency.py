@@ -44,6 +44,20 @@ def torch_runner(model: torch.nn.Module) -> Runner:
     return run
 
 
+def generate_runner(model: torch.nn.Module, new_tokens: int) -> Runner:
+    """Greedy generation of exactly `new_tokens` tokens after the batch (prefill, then one step per token with
+    the KV cache)."""
+    if not model.can_generate():
+        raise UsageError(f"--new-tokens: {type(model).__name__} does not generate text; time it without")
+    model.eval()
+
+    @torch.inference_mode()
+    def run(inputs):
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=model.config.eos_token_id)
+    return run
+
+
 def onnx_runner(path: Path) -> Runner:
     from vtrans.deploy.onnx import onnx_session
 
@@ -85,14 +99,18 @@ def latency_ms(models: dict[str, torch.nn.Module], batch_size: int = 32, seq_len
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def load_runner(spec: str) -> tuple[Runner, int]:
-    """(runner, vocabulary size) for a model given as on the command line."""
+def load_runner(spec: str, new_tokens: int = 0) -> tuple[Runner, int]:
+    """(runner, vocabulary size) for a model given as on the command line: one forward pass, or with
+    `new_tokens` a greedy generation of that many tokens."""
     path = Path(spec)
     onnx_file = path if path.suffix == ".onnx" else path / "model.onnx"
     if onnx_file.is_file():
         config = onnx_file.parent / "config.json"
         if not config.is_file():
             raise UsageError(f"{spec}: no config.json beside {onnx_file.name}; export it with vtrans export")
+        if new_tokens:
+            raise UsageError(f"--new-tokens: {spec} is an ONNX graph of one forward pass (no KV cache); time a "
+                             "PyTorch model for generation")
         return onnx_runner(onnx_file), json.loads(config.read_text())["vocab_size"]
     if (path / "config.json").is_file() and "vtrans" in json.loads((path / "config.json").read_text()):
         from vtrans.surgery import load
@@ -105,16 +123,18 @@ def load_runner(spec: str) -> tuple[Runner, int]:
 
         config = load_config(spec)
         model = getattr(transformers, config.architectures[0]).from_pretrained(spec, dtype=torch.float32)
-    return torch_runner(model), model.config.vocab_size
+    runner = generate_runner(model, new_tokens) if new_tokens else torch_runner(model)
+    return runner, model.config.vocab_size
 
 
 def compare(specs: list[str], batch_sizes: list[int], seq_lens: list[int], repeats: int = 10,
-            warmup: int = 2) -> list[dict]:
+            warmup: int = 2, new_tokens: int = 0) -> list[dict]:
     """One row per (batch size, sequence length): each model's median and range in ms, and its speedup over the
-    first model."""
+    first model; of a forward pass over the sequence, or with `new_tokens`, of generating that many tokens
+    after it (prefill and decoding)."""
     if len(set(specs)) < len(specs):
         raise UsageError("the same model is named twice; compare different models")
-    loaded = {spec: load_runner(spec) for spec in specs}
+    loaded = {spec: load_runner(spec, new_tokens) for spec in specs}
     runners = {spec: runner for spec, (runner, _) in loaded.items()}
     vocab_size = min(vocab for _, vocab in loaded.values())
     rows = []
@@ -122,7 +142,8 @@ def compare(specs: list[str], batch_sizes: list[int], seq_lens: list[int], repea
         for seq_len in seq_lens:
             times = measure(runners, batch_size, seq_len, vocab_size, repeats, warmup)
             first = statistics.median(times[specs[0]])
-            rows.append({"batch": batch_size, "seq_len": seq_len, "threads": torch.get_num_threads(), "models": {
+            rows.append({"batch": batch_size, "seq_len": seq_len, "new_tokens": new_tokens,
+                         "threads": torch.get_num_threads(), "models": {
                 spec: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
                        "speedup": first / statistics.median(t)} for spec, t in times.items()}})
     return rows
@@ -136,8 +157,10 @@ def markdown(rows: list[dict]) -> str:
         cells = [f"{m['median_ms']:.1f} ({m['min_ms']:.1f}-{m['max_ms']:.1f})"
                  + (f", {m['speedup']:.2f}x" if i else "") for i, m in enumerate(row["models"].values())]
         lines.append(f"| {row['batch']} x {row['seq_len']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Median (min-max) over the repeats, models interleaved; {rows[0]['threads']} PyTorch threads; "
-              "speedup against the first model."]
+    what = (f"generating {rows[0]['new_tokens']} tokens greedily after each prompt (prefill and decoding, KV cache)"
+            if rows[0]["new_tokens"] else "one forward pass")
+    lines += ["", f"Time of {what}: median (min-max) over the repeats, models interleaved; {rows[0]['threads']} "
+              "PyTorch threads; speedup against the first model."]
     return "\n".join(lines)
 
 
