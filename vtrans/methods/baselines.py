@@ -129,9 +129,11 @@ def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, t
     values = MaskValues()
     handles = adapter.attach_masks(values)
     log = []
+    progress = tqdm(total=dims.layers * len(GROUPS), desc=f"{job.method}: least-squares rescaling", leave=False)
     try:
         for i in range(dims.layers):
             for group in GROUPS:
+                progress.update()
                 units = torch.tensor(kept.heads[i] if group == "heads" else kept.ffn[i], dtype=torch.long)
                 if len(units) == 0:
                     continue
@@ -148,6 +150,7 @@ def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, t
                             "error_after": _squared_error(solution, gram, rhs, target_energy)})
                 scale[group][i, units] = solution.float()
     finally:
+        progress.close()
         detach_masks(handles)
         values.set(None)
     return scale, log
