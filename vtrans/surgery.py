@@ -94,7 +94,8 @@ def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = N
     """Write model (safetensors), tokenizer, JSON and text files to `out_dir`, all or nothing. A compressed
     model also gets the code that loads it without vtrans (vtrans/deploy/remote_code.py)."""
     with atomic_directory(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        with _no_transformers_bars():
+            model.save_pretrained(tmp)
         if getattr(model.config, "vtrans", None) is not None:
             remote_code.write(tmp, model.config)
         if tokenizer is not None:
@@ -105,6 +106,18 @@ def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = N
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """No "Loading weights" / "Writing model shards" bars of transformers' own: a run shows its own progress."""
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def load(path: str | os.PathLike):
@@ -127,7 +140,9 @@ def load(path: str | os.PathLike):
             with init_empty_weights():
                 record["parts"] = adapter_class_for(config.model_type)(model_class(config)).parts_record()
         model_class = type(model_class.__name__, (Resized, model_class), {})
-    model, info = model_class.from_pretrained(path, config=config, use_safetensors=True, output_loading_info=True)
+    with _no_transformers_bars():
+        model, info = model_class.from_pretrained(path, config=config, use_safetensors=True,
+                                                  output_loading_info=True)
     wrong = {kind: sorted(keys)[:3] for kind, keys in info.items() if kind != "error_msgs" and keys}
     if wrong:
         raise UsageError(f"{path} does not match its config ({wrong}); was it written by this version of vtrans?")
