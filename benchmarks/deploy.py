@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 import vtrans  # noqa: E402
 from vtrans.data import Encoded, label_ids, load_table  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
         sizes[f"{kind} onnx int8"] = size_mb(directory, "model_int8.onnx")
 
     table = load_table(str(SHARED / "data" / "rotten_tomatoes" / "test.csv.gz"), split="validation")
-    tokenizer = AutoTokenizer.from_pretrained(args.compressed)
+    tokenizer = vtrans.load_tokenizer(args.compressed)
     config = vtrans.load(args.compressed).config
     label_map = label_ids([table], config.label2id, config.num_labels)
     loader = Encoded(table, tokenizer, label_map, args.max_length).loader(64)

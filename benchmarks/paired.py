@@ -18,7 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 import vtrans  # noqa: E402
 from vtrans.data import Encoded, label_ids, load_table  # noqa: E402
@@ -30,7 +29,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 def correct(model_dir: Path, table, max_length: int) -> torch.Tensor:
     """Per test example, whether the model at `model_dir` gets it right."""
     model = vtrans.load(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = vtrans.load_tokenizer(model_dir)
     label_map = label_ids([table], model.config.label2id, model.config.num_labels)  # as compress maps them
     hits = []
     for batch in Encoded(table, tokenizer, label_map, max_length).loader(64):

@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 from conftest import write_sentiment_csv, write_tiny_checkpoint
-from transformers import AutoTokenizer
 
 import vtrans
 from vtrans.cli import main
@@ -39,7 +38,7 @@ def test_compress_meets_budget_and_reloads(tmp_path, family, target):
     assert f"{report['compressed']['params']:,}" in card and "trust_remote_code=True" in card
 
     reloaded = vtrans.load(tmp_path / "out")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokenizer = vtrans.load_tokenizer(tmp_path / "out")
     batch = tokenizer(["the movie was good", "the plot was awful very"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(result.model(**batch).logits, reloaded(**batch).logits)

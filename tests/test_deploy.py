@@ -10,7 +10,7 @@ import transformers
 from conftest import FAMILIES, WORDS, random_kept, tiny_batch, tiny_model, write_tiny_checkpoint
 
 import vtrans
-from vtrans import load
+from vtrans import load, load_tokenizer
 from vtrans.arch import adapter_for
 from vtrans.cli import main
 from vtrans.deploy.onnx import export, onnx_session
@@ -58,7 +58,7 @@ def compress_tiny(family: str, out, source=None):
         model, tokenizer = tiny_model(family), None
     else:
         model = getattr(transformers, FAMILIES[family][0]).from_pretrained(source).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
     adapter = adapter_for(model)
     cut_model(adapter, random_kept(adapter))
     return save(model, tokenizer, out)
@@ -90,13 +90,13 @@ def test_pipelines_run_the_compressed_model_without_vtrans(tmp_path):
     generator = compress_tiny("gpt2-lm", tmp_path / "generator", write_tiny_checkpoint(tmp_path / "gpt2", "gpt2-lm"))
     result = json.loads(run_without_vtrans(PIPELINES, classifier, generator, tmp_path=tmp_path).splitlines()[-1])
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(classifier)
+    tokenizer = load_tokenizer(classifier)
     with torch.no_grad():
         probabilities = load(classifier)(**tokenizer("the plot was good", return_tensors="pt")).logits.softmax(-1)[0]
     expected = {f"LABEL_{i}": float(p) for i, p in enumerate(probabilities)}
     assert result["scores"] == pytest.approx(expected, abs=1e-4)
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(generator)
+    tokenizer = load_tokenizer(generator)
     prompt = tokenizer("the movie was", return_tensors="pt")
     tokens = load(generator).generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert result["text"] == tokenizer.decode(tokens[0], skip_special_tokens=True)
@@ -134,7 +134,7 @@ def test_a_compressed_sentence_embedder_loads_in_sentence_transformers_with_its_
                              objective="features", max_length=16, batch_size=8)
 
     embeddings = torch.tensor(json.loads(run_without_vtrans(SENTENCE_EMBEDDER, result.out, tmp_path=tmp_path)))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(result.out)
+    tokenizer = load_tokenizer(result.out)
     batch = tokenizer(["the movie was good", "the plot was very poor"], padding=True, return_tensors="pt")
     with torch.no_grad():
         pooled = mean_pool(load(result.out)(**batch).last_hidden_state, batch["attention_mask"])

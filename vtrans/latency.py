@@ -112,7 +112,9 @@ def load_runner(spec: str, new_tokens: int = 0) -> tuple[Runner, int]:
             raise UsageError(f"--new-tokens: {spec} is an ONNX graph of one forward pass (no KV cache); time a "
                              "PyTorch model for generation")
         return onnx_runner(onnx_file), json.loads(config.read_text())["vocab_size"]
-    if (path / "config.json").is_file() and "vtrans" in json.loads((path / "config.json").read_text()):
+    from vtrans.deploy.remote_code import is_compressed
+
+    if is_compressed(path):
         from vtrans.surgery import load
 
         model = load(path)

@@ -158,8 +158,9 @@ def model_card(report: dict, auto_class: str) -> str:
         "## Load it", "",
         "With transformers alone (the directory carries its modeling code, `modeling_vtrans.py`, which resizes the",
         "dense architecture to the kept sizes in `config.json`):", "",
-        "```python", f"from transformers import {auto_class}", "",
-        f"model = {auto_class}.from_pretrained(\"path/to/this/directory\", trust_remote_code=True)", "```", "",
+        "```python", f"from transformers import AutoTokenizer, {auto_class}", "",
+        f"model = {auto_class}.from_pretrained(\"path/to/this/directory\", trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/directory\", trust_remote_code=True)", "```", "",
         *_sentence_transformers_lines(report),
         "Or with vtrans installed, without running that code: `model = vtrans.load(\"path/to/this/directory\")`.", ""])
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import init_empty_weights
-from transformers import CONFIG_MAPPING
 
 from vtrans.arch import Adapter, Dims, Kept, adapter_class_for
 from vtrans.deploy import remote_code
@@ -131,8 +130,7 @@ def load(path: str | os.PathLike):
         raise UsageError(f"{path} is not a vtrans model directory (no config.json)")
     if not any(path.glob("model*.safetensors")):
         raise UsageError(f"{path} holds no model.safetensors; point at a directory written by vtrans")
-    saved = remote_code.dense_config_dict(json.loads((path / "config.json").read_text()))
-    config = CONFIG_MAPPING[saved["model_type"]].from_dict(saved)
+    config = remote_code.dense_config(path)
     model_class = getattr(transformers, config.architectures[0])
     record = getattr(config, "vtrans", None)
     if record is not None:

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from vtrans.arch import adapter_class_for
 from vtrans.data import Encoded, Table, label_ids
+from vtrans.deploy import remote_code
 from vtrans.errors import UsageError
 from vtrans.surgery import save
 from vtrans.training import finetune
@@ -74,9 +75,12 @@ def _fingerprint(*parts) -> str:
 
 
 def load_tokenizer(name: str):
-    """MODEL's tokenizer, able to pad: decoders that have no padding token (GPT-2) pad with end-of-text."""
+    """MODEL's tokenizer (or a compressed directory's), able to pad: decoders that have no padding token (GPT-2)
+    pad with end-of-text."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        # a compressed directory's config is read as JSON: AutoTokenizer would load it through its modeling code
+        config = remote_code.dense_config(name) if remote_code.is_compressed(name) else None
+        tokenizer = AutoTokenizer.from_pretrained(name, config=config)
     except (OSError, ValueError) as e:
         raise UsageError(f"MODEL '{name}' has no usable tokenizer ({str(e).splitlines()[0]}); "
                          "save the tokenizer beside the model") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import CONFIG_MAPPING
 from transformers.models.auto import modeling_auto
 
 from vtrans.deploy import modeling_vtrans
@@ -85,11 +86,19 @@ def write(directory: Path, config) -> None:
     (directory / f"{MODULE}.py").write_text(source + classes)
 
 
-def dense_config_dict(saved: dict) -> dict:
-    """The dense architecture's config (as a dict) of a config.json written by `write`."""
-    if saved.get("model_type") != MODEL_TYPE:
-        return saved
-    dense = {key: value for key, value in saved.items() if key != "auto_map"}
-    dense["model_type"] = saved["vtrans"]["model_type"]
-    dense["architectures"] = [saved["vtrans"]["architecture"]]
-    return dense
+def is_compressed(directory: str | Path) -> bool:
+    """Whether `directory` holds a config.json written by `write`."""
+    path = Path(directory) / "config.json"
+    return path.is_file() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+
+
+def dense_config(directory: str | Path):
+    """The dense architecture's config from a directory's config.json, a compressed one's read as JSON (its
+    modeling code is not run): its "vtrans" entry says what it keeps."""
+    saved = json.loads((Path(directory) / "config.json").read_text())
+    if saved.get("model_type") == MODEL_TYPE:
+        saved = {key: value for key, value in saved.items() if key != "auto_map"} | {
+            "model_type": saved["vtrans"]["model_type"],
+            "architectures": [saved["vtrans"]["architecture"]],
+        }
+    return CONFIG_MAPPING[saved["model_type"]].from_dict(saved)
