@@ -109,7 +109,10 @@ def export(directory: str | Path, out: str | Path, quantize: str | None = None, 
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             with _quiet():
-                quantize_dynamic(tmp / "model.onnx", tmp / "model_int8.onnx", weight_type=QuantType.QInt8)
+                # per output channel: folding mask values into the weights leaves rows of very different scales,
+                # and one scale per tensor cost a pruned MiniLM 3.3 points (per channel: 0.3)
+                quantize_dynamic(tmp / "model.onnx", tmp / "model_int8.onnx", weight_type=QuantType.QInt8,
+                                 per_channel=True)
             files["int8"] = "model_int8.onnx"
         record = {"source": str(directory), "output": output_name(model), "files": files,
                   "max_abs_difference": check(tmp, files, wrapped, vocab_size),
