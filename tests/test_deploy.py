@@ -7,7 +7,15 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, WORDS, random_kept, tiny_batch, tiny_model, write_tiny_checkpoint
+from conftest import (
+    FAMILIES,
+    WORDS,
+    random_kept,
+    tiny_batch,
+    tiny_model,
+    write_sentiment_csv,
+    write_tiny_checkpoint,
+)
 
 import vtrans
 from vtrans import load, load_tokenizer
@@ -178,3 +186,23 @@ def test_vtrans_latency_times_dense_compressed_and_onnx_side_by_side(tmp_path, c
     assert "generating 3 tokens" in capsys.readouterr().out
     assert main(["latency", str(dense), "--compare", str(tmp_path / "onnx"), "--new-tokens", "3"]) == 2
     assert "ONNX graph of one forward pass" in capsys.readouterr().err
+
+
+def test_compress_with_quantize_reports_the_int8_copy_and_ships_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("VTRANS_CACHE", str(tmp_path / "cache"))
+    source = write_tiny_checkpoint(tmp_path / "model", "bert")
+    data = write_sentiment_csv(tmp_path / "train.csv")
+    result = vtrans.compress(str(source), str(data), target="flops=0.6", method="magnitude", out=tmp_path / "out",
+                             quantize="int8", say=lambda m: None, max_length=16, batch_size=16, teacher_epochs=1.0,
+                             latency_batch=2, latency_seq_len=8)
+    int8 = result.report["int8"]
+    assert int8["file"] == "onnx/model_int8.onnx" and (result.out / int8["file"]).is_file()
+    assert 0 <= int8["metric"]["accuracy"] <= 1 and int8["size_mb"] > 0 and int8["latency_ms"] > 0
+    # both files ship, and the int8 one runs in onnxruntime on the directory's own tokenizer
+    assert (result.out / "onnx" / "model.onnx").is_file()
+    tokenizer = load_tokenizer(result.out)
+    session = onnx_session(result.out / int8["file"])
+    texts = [line.split(",")[0] for line in data.read_text().splitlines()[1:5]]
+    encoded = tokenizer(texts, padding=True, return_tensors="np")
+    logits = session.run(None, {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})[0]
+    assert logits.shape == (4, result.model.config.num_labels)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import random
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -15,8 +17,9 @@ from vtrans.arch import Kept, adapter_class_for, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, parse_target
 from vtrans.checkpoint import Checkpoint
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, demo_path
+from vtrans.deploy.onnx import OnnxModel, check_available, output_name, size_mb, write_onnx
 from vtrans.errors import UsageError
-from vtrans.latency import fit_latency, latency_ms
+from vtrans.latency import fit_latency, measure, onnx_runner, torch_runner
 from vtrans.methods import METHODS, run
 from vtrans.methods.base import Job
 from vtrans.methods.vtrans import MASK_INITS, VTransSettings
@@ -56,6 +59,7 @@ class Options:
     latency_batch: int = 32
     latency_seq_len: int = 64
     round_to: int = 1  # kept FFN neurons per layer and hidden width in multiples of this
+    quantize: str | None = None  # "int8": also an ONNX int8 copy (DIR/onnx/), judged in the report
     resume: bool = False  # continue an interrupted run from its checkpoint
     checkpoint_every: int = 50  # steps between checkpoints (0: none)
 
@@ -126,6 +130,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     if method not in METHODS:
         raise UsageError(f"--method {method} is unknown; choose one of: {', '.join(METHODS)}")
     validate_options(opts)
+    if opts.quantize is not None:
+        check_available(opts.quantize)
     budget = replace(parse_target(target, opts.max_length), multiple=opts.round_to)
     if budget.kind == "latency":  # timed at the latency batch and length, so its costs are counted at that length
         budget = replace(budget, seq_len=opts.latency_seq_len)
@@ -215,33 +221,45 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     compressed = outcome.model.eval()
     compressed_cost = exact_cost(teacher_adapter, outcome.kept, budget.seq_len)
     compressed_metric = objective.evaluate(compressed, eval_loader, teacher.model, "evaluating compressed")
-    latency = latency_ms({"dense": teacher.model, "compressed": compressed}, opts.latency_batch,
-                         opts.latency_seq_len, vocab_size=teacher.tokenizer.vocab_size)
-    report = build_report(
-        method=method,
-        objective=objective.name,
-        model=model_label,
-        data=data,
-        eval_data=opts.eval_data or f"{opts.holdout:.0%} of data",
-        budget=budget,
-        dense_cost=dense,
-        compressed_cost=compressed_cost,
-        dense_metric=dense_metric,
-        compressed_metric=compressed_metric,
-        latency=latency,
-        latency_shape=(opts.latency_batch, opts.latency_seq_len),
-        kept=outcome.kept,
-        dense_kept=Kept.dense(teacher_adapter.dims()),
-        compression_seconds=compression_seconds,
-        teacher_cache=teacher.fine_tuned_at,
-        seed=opts.seed,
-        tolerance=TOLERANCE,
-        log=outcome.log,
-        query_group=teacher_adapter.dims().query_group,
-    )
-    save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
-         {"README.md": model_card(report, objective.auto_class().__name__)} | objective.files_beside(model_name),
-         overwrite=opts.overwrite)
+    runners = {"dense": torch_runner(teacher.model), "compressed": torch_runner(compressed)}
+    with tempfile.TemporaryDirectory() as scratch:
+        quantized, onnx_files = None, {}
+        if opts.quantize:  # the compressed model in ONNX, quantized, judged as the compressed one is
+            files = write_onnx(compressed, Path(scratch), opts.quantize)
+            int8 = Path(scratch) / files[opts.quantize]
+            quantized = {"format": "onnx", "file": f"onnx/{int8.name}", "size_mb": size_mb(int8.parent, int8.name),
+                         "metric": objective.evaluate(OnnxModel(int8, output_name(compressed)), eval_loader,
+                                                      teacher.model, f"evaluating {opts.quantize}")}
+            runners[opts.quantize] = onnx_runner(int8)
+            onnx_files = {f"onnx/{path.name}": path for path in Path(scratch).iterdir()}
+        times = measure(runners, opts.latency_batch, opts.latency_seq_len, teacher.tokenizer.vocab_size)
+        latency = {name: statistics.median(t) for name, t in times.items()}
+        report = build_report(
+            method=method,
+            objective=objective.name,
+            model=model_label,
+            data=data,
+            eval_data=opts.eval_data or f"{opts.holdout:.0%} of data",
+            budget=budget,
+            dense_cost=dense,
+            compressed_cost=compressed_cost,
+            dense_metric=dense_metric,
+            compressed_metric=compressed_metric,
+            latency=latency,
+            latency_shape=(opts.latency_batch, opts.latency_seq_len),
+            kept=outcome.kept,
+            dense_kept=Kept.dense(teacher_adapter.dims()),
+            compression_seconds=compression_seconds,
+            teacher_cache=teacher.fine_tuned_at,
+            seed=opts.seed,
+            tolerance=TOLERANCE,
+            log=outcome.log,
+            query_group=teacher_adapter.dims().query_group,
+            quantized=quantized,
+        )
+        save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
+             {"README.md": model_card(report, objective.auto_class().__name__)} | objective.files_beside(model_name),
+             copied=onnx_files, overwrite=opts.overwrite)
     checkpoint.clear()
     return Result(model=compressed, report=report, out=out)
 

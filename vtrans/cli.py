@@ -50,6 +50,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to,
                         help="keep FFN neurons per layer and hidden dims in multiples of this (e.g. 8 or 64: "
                              "matrix sizes kernels like), still within the budget (default: 1)")
+    parser.add_argument("--quantize", choices=QUANTIZE,
+                        help="also write DIR/onnx/: the compressed model in ONNX and its dynamic int8 copy, whose "
+                             "metric, size and latency the report gives (needs vtrans[onnx])")
     masks = parser.add_argument_group("mask training (vtrans, fast-vtrans, faster-vtrans)")
     masks.add_argument("--mask-init", default=DEFAULTS.mask_init, choices=MASK_INITS,
                        help="fisher: start each unit's log_alpha by its Fisher information per cost (a one-shot "
@@ -70,7 +73,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 
 RUN_OPTIONS = ("objective", "eval_data", "max_length", "batch_size", "seed", "holdout", "teacher_epochs",
-               "prune_epochs", "recover_epochs", "data_fraction", "round_to", *MASK_OPTIONS)
+               "prune_epochs", "recover_epochs", "data_fraction", "round_to", "quantize", *MASK_OPTIONS)
 
 
 def build_parser() -> argparse.ArgumentParser:

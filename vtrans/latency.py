@@ -91,14 +91,6 @@ def measure(runners: dict[str, Runner], batch_size: int, seq_len: int, vocab_siz
     return times
 
 
-def latency_ms(models: dict[str, torch.nn.Module], batch_size: int = 32, seq_len: int = 64, repeats: int = 10,
-               vocab_size: int = 1000) -> dict[str, float]:
-    """Median forward time of each PyTorch model (what a compression report records)."""
-    runners = {name: torch_runner(model) for name, model in models.items()}
-    times = measure(runners, batch_size, seq_len, vocab_size, repeats)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def load_runner(spec: str, new_tokens: int = 0) -> tuple[Runner, int]:
     """(runner, vocabulary size) for a model given as on the command line: one forward pass, or with
     `new_tokens` a greedy generation of that many tokens."""

@@ -19,7 +19,8 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
                  dense_cost: dict,
                  compressed_cost: dict, dense_metric: dict, compressed_metric: dict, latency: dict,
                  latency_shape: tuple[int, int], kept: Kept, dense_kept: Kept, compression_seconds: float,
-                 teacher_cache: str | None, seed: int, tolerance: float, log: list, query_group: int = 1) -> dict:
+                 teacher_cache: str | None, seed: int, tolerance: float, log: list, query_group: int = 1,
+                 quantized: dict | None = None) -> dict:
     """`query_group`: query heads per KV head; with grouped-query attention a kept head is a KV head and its
     query heads, and each layer's record gives both counts."""
     target = budget.fraction(dense_cost)
@@ -51,7 +52,14 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
         "seed": seed,
         # the process's peak resident memory (teacher, student and data included), from the OS
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    } | _latency_model(budget, dense_cost, compressed_cost)
+    } | _latency_model(budget, dense_cost, compressed_cost) | _quantized(quantized, latency)
+
+
+def _quantized(quantized: dict | None, latency: dict) -> dict:
+    """The int8 copy's metric, size and latency (measured beside dense and compressed)."""
+    if quantized is None:
+        return {}
+    return {"int8": quantized | {"latency_ms": latency["int8"], "speedup": latency["dense"] / latency["int8"]}}
 
 
 def _latency_model(budget: Budget, dense_cost: dict, compressed_cost: dict) -> dict:
@@ -83,6 +91,13 @@ def _predicted_line(latency_model: dict | None) -> list[str]:
             f"(fit within {latency_model['fit_error']:.0%} on the cut models it timed)"]
 
 
+def _int8_line(int8: dict | None, metric: str) -> list[str]:
+    if int8 is None:
+        return []
+    return [f"  int8      {int8['file']}: {metric} {int8['metric'][metric]:.4f}, {int8['size_mb']:.1f} MB, "
+            f"{int8['latency_ms']:.1f} ms ({int8['speedup']:.2f}x, onnxruntime)"]
+
+
 def summary(report: dict, out) -> str:
     dense, small = report["dense"], report["compressed"]
     metric = next(iter(dense["metric"]))
@@ -104,6 +119,7 @@ def summary(report: dict, out) -> str:
         f"({report['speedup']:.2f}x, batch {report['latency_setting']['batch']} x "
         f"{report['latency_setting']['seq_len']} tokens, measured here)",
         *_predicted_line(report.get("latency_model")),
+        *_int8_line(report.get("int8"), metric),
         f"  kept      hidden {report['kept']['hidden']}; {heads}/FFN per layer: {per_layer}",
         *_fixup_line(report.get("selection_fixup")),
         f"  time      {report['compression_seconds']:.0f} s; "

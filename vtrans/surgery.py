@@ -89,9 +89,11 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = None,
-         text_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
-    """Write model (safetensors), tokenizer, JSON and text files to `out_dir`, all or nothing. A compressed
-    model also gets the code that loads it without vtrans (vtrans/deploy/remote_code.py)."""
+         text_files: dict[str, str] | None = None, copied: dict[str, Path] | None = None,
+         overwrite: bool = False) -> Path:
+    """Write model (safetensors), tokenizer, JSON and text files, and copies of `copied` files (name: source), to
+    `out_dir`, all or nothing. A compressed model also gets the code that loads it without vtrans
+    (vtrans/deploy/remote_code.py)."""
     with atomic_directory(out_dir, overwrite) as tmp:
         with _no_transformers_bars():
             model.save_pretrained(tmp)
@@ -104,6 +106,9 @@ def save(model, tokenizer, out_dir: Path, json_files: dict[str, dict] | None = N
         for name, text in (text_files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text, encoding="utf-8")
+        for name, source in (copied or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, tmp / name)
     return Path(out_dir)
 
 

@@ -13,6 +13,7 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -74,8 +75,8 @@ def onnx_session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export(directory: str | Path, out: str | Path, quantize: str | None = None, overwrite: bool = False) -> dict:
-    """Export the compressed (or any vtrans-loadable) model in `directory` to ONNX in `out`; returns export.json."""
+def check_available(quantize: str | None = None) -> None:
+    """Fail early, in one line, when the ONNX tools are missing or the quantization is unknown."""
     try:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
@@ -83,49 +84,74 @@ def export(directory: str | Path, out: str | Path, quantize: str | None = None, 
         raise UsageError(f"ONNX export needs {missing.name}: pip install 'vtrans[onnx]'") from None
     if quantize not in (None, *QUANTIZE):
         raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZE)}")
+
+
+def write_onnx(model: nn.Module, out: Path, quantize: str | None = None) -> dict[str, str]:
+    """`model` as out/model.onnx (and out/model_int8.onnx with quantize="int8"); returns {kind: file name}."""
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with _quiet():
+        torch.onnx.export(
+            PrimaryOutput(model).eval(),
+            tuple(sample_inputs(TRACE_SHAPE, model.config.vocab_size).values()),
+            str(out / "model.onnx"),
+            input_names=["input_ids", "attention_mask"],
+            output_names=[output_name(model)],
+            dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
+            dynamo=True,
+            external_data=_bytes(model) > MAX_INLINE_BYTES,
+            verbose=False,
+        )
+    files = {"fp32": "model.onnx"}
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet():
+            # per output channel: folding mask values into the weights leaves rows of very different scales,
+            # and one scale per tensor cost a pruned MiniLM 3.3 points (per channel: 0.3)
+            quantize_dynamic(out / "model.onnx", out / "model_int8.onnx", weight_type=QuantType.QInt8,
+                             per_channel=True)
+        files["int8"] = "model_int8.onnx"
+    return files
+
+
+def export(directory: str | Path, out: str | Path, quantize: str | None = None, overwrite: bool = False) -> dict:
+    """Export the compressed (or any vtrans-loadable) model in `directory` to ONNX in `out`; returns export.json."""
+    check_available(quantize)
     directory = Path(directory)
     model = load(directory)
-    wrapped = PrimaryOutput(model).eval()
-    vocab_size = model.config.vocab_size
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with atomic_directory(Path(out), overwrite) as tmp:
-        with _quiet():
-            torch.onnx.export(
-                wrapped,
-                tuple(sample_inputs(TRACE_SHAPE, vocab_size).values()),
-                str(tmp / "model.onnx"),
-                input_names=["input_ids", "attention_mask"],
-                output_names=[output_name(model)],
-                dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
-                dynamo=True,
-                external_data=_bytes(model) > MAX_INLINE_BYTES,
-                verbose=False,
-            )
+        files = write_onnx(model, tmp, quantize)
         for name in COPIED:
             if (directory / name).exists():
                 shutil.copy(directory / name, tmp / name)
-        files = {"fp32": "model.onnx"}
-        if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            with _quiet():
-                # per output channel: folding mask values into the weights leaves rows of very different scales,
-                # and one scale per tensor cost a pruned MiniLM 3.3 points (per channel: 0.3)
-                quantize_dynamic(tmp / "model.onnx", tmp / "model_int8.onnx", weight_type=QuantType.QInt8,
-                                 per_channel=True)
-            files["int8"] = "model_int8.onnx"
         record = {"source": str(directory), "output": output_name(model), "files": files,
-                  "max_abs_difference": check(tmp, files, wrapped, vocab_size),
-                  "size_mb": {kind: _size_mb(tmp, name) for kind, name in files.items()}}
+                  "max_abs_difference": check(tmp, files, PrimaryOutput(model).eval(), model.config.vocab_size),
+                  "size_mb": {kind: size_mb(tmp, name) for kind, name in files.items()}}
         (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+class OnnxModel(nn.Module):
+    """An exported model run by onnxruntime behind the call the objectives evaluate: model(**batch) gives an
+    output with the graph's one output (`.logits` or `.last_hidden_state`). Inputs the graph lacks (BERT's
+    token types) are left out: token type 0, as for single texts."""
+
+    def __init__(self, path: Path, output: str):
+        super().__init__()
+        self.session = onnx_session(path)
+        self.inputs = {node.name for node in self.session.get_inputs()}
+        self.output = output
+
+    def forward(self, **batch):
+        feeds = {name: tensor.numpy() for name, tensor in batch.items() if name in self.inputs}
+        return SimpleNamespace(**{self.output: torch.from_numpy(self.session.run(None, feeds)[0])})
 
 
 def _bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _size_mb(directory: Path, name: str) -> float:
+def size_mb(directory: Path, name: str) -> float:
     """A model file's size with its external weights, if any."""
     paths = [directory / name, directory / f"{name}.data"]
     return round(sum(path.stat().st_size for path in paths if path.exists()) / 2**20, 2)
