@@ -87,9 +87,10 @@ def write(directory: Path, config) -> None:
 
 
 def is_compressed(directory: str | Path) -> bool:
-    """Whether `directory` holds a config.json written by `write`."""
+    """Whether `directory` holds a model vtrans compressed (its config has a "vtrans" entry; written by `write`,
+    or by a vtrans from before it)."""
     path = Path(directory) / "config.json"
-    return path.is_file() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+    return path.is_file() and "vtrans" in json.loads(path.read_text())
 
 
 def dense_config(directory: str | Path):
