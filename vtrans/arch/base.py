@@ -533,6 +533,7 @@ class Adapter:
             self._replace(self.base, self.embedding_norm, cut_norm(self.base.get_submodule(self.embedding_norm), h))
         if self.final_norm:
             self._replace(self.base, self.final_norm, cut_norm(self.base.get_submodule(self.final_norm), h))
+        record = self.parts_record()  # the sizes an attention module keeps about itself, as `resize` sets them
         for layer, heads, ffn in zip(self.layer_modules(), kept.heads, kept.ffn):
             for path in parts.norms:
                 self._replace(layer, path, cut_norm(layer.get_submodule(path), h))
@@ -544,7 +545,7 @@ class Adapter:
             self._replace(layer, parts.attention_output, cut_linear(layer.get_submodule(parts.attention_output),
                                                                     h, columns))
             if heads:
-                set_attention_sizes(layer.get_submodule(parts.attention), len(heads), self.parts_record())
+                set_attention_sizes(layer.get_submodule(parts.attention), len(heads), record)
             else:
                 self._replace(layer, parts.attention, empty_block(layer, parts.attention, parts.attention_output))
             neurons = torch.tensor(ffn, dtype=torch.long)

@@ -3,23 +3,20 @@ block's output, cut with the hidden width) and a classifier that reads the CLS t
 side by side (two hidden-wide pieces of its input)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from vtrans.arch.base import LayerParts
 from vtrans.arch.vit import ViTAdapter
 
 
 class Dinov2Adapter(ViTAdapter):
     family = "dinov2"
     model_types = ("dinov2",)
-    layer_parts = LayerParts(
-        attention="attention",
-        attention_inputs=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
-        attention_output="attention.o_proj",
-        mlp_inputs=("mlp.fc1",),
-        mlp_output="mlp.fc2",
+    # ViT's layer, with other norm names and a LayerScale after each block
+    layer_parts = replace(
+        ViTAdapter.layer_parts,
         norms=("norm1", "norm2"),
-        mlp="mlp",
         vectors=("layer_scale1.lambda1", "layer_scale2.lambda1"),
     )
     layers_path = "encoder.layer"
