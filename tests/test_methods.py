@@ -228,3 +228,14 @@ def test_teacher_outputs_are_remembered_per_example_whatever_the_batching(job):
         got, fresh = partial(batch), passthrough(batch)
         assert torch.allclose(got.outputs, fresh.outputs, atol=1e-5)
     assert 0 < partial.stored_bytes <= cap and len(partial.memory) <= 3
+
+
+def test_random_keeps_heads_and_neurons_in_about_equal_shares(job):
+    """Random is the floor only if it is uniform: every structure keeps about the budget's share (a ranking by
+    raw random worth per cost dropped every head, each costing many neurons' worth)."""
+    j = job("random")
+    kept = baselines.choose_random(j).kept
+    dims = j.adapter.dims()
+    head_share = sum(map(len, kept.heads)) / (dims.layers * dims.heads)
+    neuron_share = sum(map(len, kept.ffn)) / (dims.layers * dims.ffn)
+    assert 0.2 <= head_share <= 0.8 and abs(head_share - neuron_share) <= 0.25, (head_share, neuron_share)

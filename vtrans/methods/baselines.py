@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from vtrans.arch import Kept, MaskValues, detach_masks
 from vtrans.arch.base import weight_out_in
-from vtrans.budget import select_kept
+from vtrans.budget import Selection, select_kept
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import keep_structure_of, score_log, search_kept
 from vtrans.surgery import indicators
@@ -23,12 +23,20 @@ GROUPS = ("heads", "ffn")
 
 
 def choose_random(job: Job, *_) -> Choice:
-    """Uniformly random heads and FFN neurons (seeded) filling the budget."""
+    """Uniformly random heads and FFN neurons (seeded) filling the budget.
+
+    The selection ranks units by worth per cost, so each unit's random worth is scaled by its cost: the
+    ranking is then uniform whatever a unit costs (unscaled, every head, 128 neurons' worth of cost, would
+    rank below every neuron and go first)."""
     generator = torch.Generator().manual_seed(job.seed)
     dims = job.adapter.dims()
-    scores = {"heads": torch.rand(dims.layers, dims.heads, generator=generator),
-              "ffn": torch.rand(dims.layers, dims.ffn, generator=generator)}
-    return Choice(kept=select_kept(job.adapter, keep_structure_of(scores, dims), job.budget))
+    worth = keep_structure_of({"heads": torch.ones(dims.layers, dims.heads),
+                               "ffn": torch.ones(dims.layers, dims.ffn)}, dims)
+    every = {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
+    for ratio, price, name, index in Selection(job.adapter, worth, every, job.budget).candidates(dropping=True):
+        if ratio < math.inf:  # the hidden dims and blocks stay
+            worth[name][index] = price * torch.rand((), generator=generator).item()
+    return Choice(kept=select_kept(job.adapter, worth, job.budget))
 
 
 @torch.no_grad()
