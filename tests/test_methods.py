@@ -239,3 +239,12 @@ def test_random_keeps_heads_and_neurons_in_about_equal_shares(job):
     head_share = sum(map(len, kept.heads)) / (dims.layers * dims.heads)
     neuron_share = sum(map(len, kept.ffn)) / (dims.layers * dims.ffn)
     assert 0.2 <= head_share <= 0.8 and abs(head_share - neuron_share) <= 0.25, (head_share, neuron_share)
+
+
+
+def test_faster_vtrans_keeps_the_hidden_width(job):
+    """Frozen weights cannot follow the LayerNorm statistics a narrower hidden width changes: faster-vtrans
+    keeps every hidden dim (vtrans and fast-vtrans, whose weights train, let them compete for the budget)."""
+    j = job("faster-vtrans", data_fraction=0.25, prune_epochs=2.0, recover_epochs=0.0)
+    j.budget = vtrans.budget.parse_target("params=0.8", seq_len=16)
+    assert len(run(j).kept.hidden) == j.adapter.dims().hidden

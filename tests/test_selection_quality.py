@@ -1,6 +1,7 @@
 """Tests that fail when a method is broken: planted dead units go first in every method, the VIB expected cost
 follows its target, selection weighs worth against cost and keeps blocks whose contents are kept, and VTrans
 beats random on a task a teacher has learned."""
+import csv
 import json
 
 import pytest
@@ -147,7 +148,7 @@ def test_selection_weighs_worth_against_cost(model_and_adapter):
 
 
 def test_vtrans_beats_random_on_a_learned_task(tmp_path, monkeypatch):
-    """A teacher fine-tuned on the toy task; at a third of its FLOPs with no recovery, VTrans keeps what the
+    """A teacher fine-tuned on the toy task; at a tenth of its FLOPs with no recovery, VTrans keeps what the
     task needs, random does not."""
     monkeypatch.setenv("VTRANS_CACHE", str(tmp_path / "cache"))
     ckpt = write_tiny_checkpoint(tmp_path / "model", with_head=False)
@@ -155,14 +156,21 @@ def test_vtrans_beats_random_on_a_learned_task(tmp_path, monkeypatch):
     test = write_sentiment_csv(tmp_path / "test.csv", rows=200, seed=1)
     options = dict(eval_data=str(test), teacher_epochs=20.0, teacher_lr=2e-3, batch_size=16, max_length=16,
                    latency_batch=2, latency_seq_len=8, recover_epochs=0.0, say=lambda m: None)
-    accuracy = {}
+    accuracy, loss = {}, {}
+    rows = list(csv.DictReader(open(test)))
     for method in ("vtrans", "random"):
-        result = vtrans.compress(str(ckpt), str(train), target="flops=0.3", method=method, out=tmp_path / method,
+        result = vtrans.compress(str(ckpt), str(train), target="flops=0.1", method=method, out=tmp_path / method,
                                  prune_epochs=3.0, **options)
         accuracy[method] = result.report["compressed"]["metric"]["accuracy"]
         dense = result.report["dense"]["metric"]["accuracy"]
-    assert dense > 0.9
-    assert accuracy["vtrans"] >= accuracy["random"] + 0.15 and accuracy["vtrans"] >= dense - 0.1, accuracy
+        tokenizer = vtrans.load_tokenizer(tmp_path / method)
+        batch = tokenizer([row["text"] for row in rows], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = vtrans.load(tmp_path / method)(**batch).logits
+        loss[method] = float(torch.nn.functional.cross_entropy(logits, torch.tensor([int(r["label"]) for r in rows])))
+    assert dense > 0.9 and accuracy["vtrans"] >= dense - 0.1, accuracy
+    # the toy task is easy enough that a uniform random cut still classifies it: judge the test loss
+    assert loss["vtrans"] <= 0.5 * loss["random"], loss
     log = json.loads((tmp_path / "vtrans" / "training_log.json").read_text())
     assert any(r["phase"] == "select" for r in log)
 

@@ -165,9 +165,15 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         raise UsageError(f"--max-length {opts.max_length} exceeds the model's {positions} positions; "
                          "use at most that")
     keep_hidden = not (METHODS[method].prunes_hidden and objective.prunes_hidden)
+    method_keeps_hidden = method if not METHODS[method].prunes_hidden else None  # named if out of reach
     if budget.kind != "latency":  # a latency budget is checked once this machine's latency model is measured
         with init_empty_weights():  # shapes only: is the budget reachable at all?
-            check_reachable(adapter_for(objective.auto_class().from_config(config)), budget, keep_hidden)
+            check_reachable(
+                adapter_for(objective.auto_class().from_config(config)),
+                budget,
+                keep_hidden,
+                method_keeps_hidden,
+            )
     train = objective.read(data)
     if opts.eval_data:
         evaluation = objective.read(opts.eval_data, split="validation")
@@ -191,7 +197,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
             cache=cache_root(),
             keep_hidden=keep_hidden,
         ))
-        check_reachable(teacher_adapter, budget, keep_hidden)
+        check_reachable(teacher_adapter, budget, keep_hidden, method_keeps_hidden)
     dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
     dense = dense_cost(teacher_adapter, budget.seq_len)
 

@@ -6,7 +6,7 @@ from vtrans.methods.base import run as _run
 METHODS = {
     "vtrans": Method(vtrans.choose_trained, trains=True),
     "fast-vtrans": Method(vtrans.choose_trained, sampled=True, trains=True),
-    "faster-vtrans": Method(vtrans.choose_frozen, sampled=True),
+    "faster-vtrans": Method(vtrans.choose_frozen, sampled=True, prunes_hidden=False),
     "optin": Method(optin.choose, prunes_hidden=False),
     "random": Method(baselines.choose_random, prunes_hidden=False),
     "magnitude": Method(baselines.choose_magnitude, prunes_hidden=False),

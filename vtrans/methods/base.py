@@ -6,7 +6,7 @@ every method, so one-shot choices and VTrans compare like for like.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -45,6 +45,7 @@ class Job:
     resume: bool = False  # continue from the checkpoint
     vtrans: VTransSettings | None = None  # mask training settings (None: the defaults)
     objective: Objective = field(default_factory=Classification)  # the task's losses
+    prunes_hidden: bool = True  # the hidden width competes for the budget (`run` sets it: method and objective)
 
     def loader(self, fraction: float = 1.0):
         """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it."""
@@ -93,6 +94,7 @@ class Method:
 
 def run(job: Job, method: Method) -> Outcome:
     """Choose, cut, recover. A run killed while recovering resumes from its cut model and recovery state."""
+    job = replace(job, prunes_hidden=method.prunes_hidden and job.objective.prunes_hidden)
     loader = job.loader(job.data_fraction if method.sampled else 1.0)
     # a sample is seen many times: remember the teacher's outputs (the full data is seen once or twice)
     teacher = TeacherOutputs(job.teacher, job.objective, SAMPLE_TEACHER_BYTES if method.sampled else 0)
