@@ -86,6 +86,8 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
         ([ckpt, "--data", tmp_path / "missing.csv", "--out", out], "--data"),
         ([ckpt, "--data", data, "--max-length", 1000, "--out", out], "positions"),
         ([ckpt, "--data", data, "--method", "optin", "--target", "params=0.2", "--out", out], "and method allow"),
+        ([ckpt, "--data", data, "--method", "faster-vtrans", "--target", "params=0.2", "--out", out],
+         "use --method vtrans or fast-vtrans: faster-vtrans keeps the hidden width"),
         ([ckpt, "--data", data, "--batch-size", 0, "--out", out], "--batch-size"),
     ]
     for args, message in cases:

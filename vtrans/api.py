@@ -20,7 +20,7 @@ from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, demo_path
 from vtrans.deploy.onnx import OnnxModel, check_available, output_name, size_mb, write_onnx
 from vtrans.errors import UsageError
 from vtrans.latency import fit_latency, measure, onnx_runner, torch_runner
-from vtrans.methods import METHODS, run
+from vtrans.methods import METHODS, hidden_width_hint, run
 from vtrans.methods.base import Job
 from vtrans.methods.vtrans import MASK_INITS, VTransSettings
 from vtrans.objectives import OBJECTIVES, Objective, objective_for
@@ -165,14 +165,14 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         raise UsageError(f"--max-length {opts.max_length} exceeds the model's {positions} positions; "
                          "use at most that")
     keep_hidden = not (METHODS[method].prunes_hidden and objective.prunes_hidden)
-    method_keeps_hidden = method if not METHODS[method].prunes_hidden else None  # named if out of reach
+    hint = hidden_width_hint(method, objective)
     if budget.kind != "latency":  # a latency budget is checked once this machine's latency model is measured
         with init_empty_weights():  # shapes only: is the budget reachable at all?
             check_reachable(
                 adapter_for(objective.auto_class().from_config(config)),
                 budget,
                 keep_hidden,
-                method_keeps_hidden,
+                hint,
             )
     train = objective.read(data)
     if opts.eval_data:
@@ -197,7 +197,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
             cache=cache_root(),
             keep_hidden=keep_hidden,
         ))
-        check_reachable(teacher_adapter, budget, keep_hidden, method_keeps_hidden)
+        check_reachable(teacher_adapter, budget, keep_hidden, hint)
     dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
     dense = dense_cost(teacher_adapter, budget.seq_len)
 

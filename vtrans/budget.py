@@ -81,9 +81,9 @@ def dense_cost(adapter: Adapter, seq_len: int) -> dict[str, float]:
     return exact_cost(adapter, Kept.dense(adapter.dims()), seq_len)
 
 
-def check_reachable(adapter: Adapter, budget: Budget, keep_hidden: bool = False, method: str | None = None) -> None:
+def check_reachable(adapter: Adapter, budget: Budget, keep_hidden: bool = False, hint: str = "") -> None:
     """Fail before any work if even the smallest model the structures allow is over budget (with every
-    hidden dim kept, for methods that do not prune it; the error then names the `method` and those that do)."""
+    hidden dim kept, for methods that do not prune it); `hint` ends the error (e.g. which methods go further)."""
     dims = adapter.dims()
     dense = dense_cost(adapter, budget.seq_len)
     minimal = adapter.minimal_kept()
@@ -97,8 +97,6 @@ def check_reachable(adapter: Adapter, budget: Budget, keep_hidden: bool = False,
                          f"({budget.of(dense):,.0f} {budget.kind}); ask for less")
     if target < floor:
         allows = "architecture and method allow" if keep_hidden else "architecture allows"
-        hint = (f", or use --method vtrans or fast-vtrans: {method} keeps the hidden width"
-                if keep_hidden and method is not None else "")
         raise UsageError(f"--target {budget.kind}={budget.value:g} cannot be met: the smallest model this "
                          f"{allows} keeps {floor:.4f} of the dense {budget.kind} "
                          f"({budget.of(smallest):,.0f}); ask for at least that{hint}")

@@ -14,6 +14,14 @@ METHODS = {
 }
 
 
+def hidden_width_hint(method: str, objective) -> str:
+    """For a budget out of reach: the methods that prune the hidden width, when `method` is why it stays."""
+    if METHODS[method].prunes_hidden or not objective.prunes_hidden:
+        return ""
+    pruners = " or ".join(name for name, other in METHODS.items() if other.prunes_hidden)
+    return f", or use --method {pruners}: {method} keeps the hidden width"
+
+
 def run(job: Job) -> Outcome:
     """Compress `job.model` with `job.method`: choose, cut, recover (if asked or the method trains)."""
     return _run(job, METHODS[job.method])
