@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 import vtrans  # noqa: E402
 from vtrans.data import Encoded, label_ids, load_table  # noqa: E402
 from vtrans.deploy.onnx import export  # noqa: E402
-from vtrans.latency import load_runner, measure  # noqa: E402
+from vtrans.latency import load_runner, measure, random_batch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DENSE = SHARED / "models" / "minilm-l6-rt-sentiment"
@@ -81,7 +81,7 @@ def main() -> None:
 
     latency = {}
     for batch_size in (32, 1):
-        times = measure(runners, batch_size, args.max_length, config.vocab_size, repeats=20, warmup=3)
+        times = measure(runners, random_batch(batch_size, args.max_length, config.vocab_size), repeats=20, warmup=3)
         latency[batch_size] = {name: statistics.median(t) for name, t in times.items()}
 
     fp32, int8 = correct["compressed onnx fp32"], correct["compressed onnx int8"]

@@ -10,7 +10,7 @@ import vtrans
 from vtrans import api
 from vtrans.arch import adapter_for
 from vtrans.budget import dense_cost, exact_cost, parse_target, select_kept
-from vtrans.latency import FEATURES, LatencyModel, fit_latency
+from vtrans.latency import FEATURES, LatencyModel, fit_latency, random_batch
 
 
 def hand_model(**coefficients) -> LatencyModel:
@@ -50,7 +50,8 @@ def test_compress_to_a_speedup_reports_the_predicted_and_the_measured_latency(tm
 
 def test_the_latency_model_is_measured_once_per_machine_and_model(tmp_path):
     model = tiny_model("bert")
-    fitted = fit_latency(model, batch=2, seq_len=8, vocab_size=100, cache=tmp_path, variants=4, repeats=1)
+    inputs = random_batch(2, 8, 100)
+    fitted = fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1)
     assert all(value >= 0 for value in fitted.coefficients.values()) and fitted.intercept >= 0
     assert len(list((tmp_path / "latency").iterdir())) == 1
-    assert fit_latency(model, batch=2, seq_len=8, vocab_size=100, cache=tmp_path, variants=4, repeats=1) == fitted
+    assert fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1) == fitted

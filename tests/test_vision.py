@@ -1,16 +1,25 @@
 """Vision families (ViT, DINOv2): a patch Conv2d, a CLS token and position vectors write the hidden dims (DINOv2
 adds LayerScale and a classifier over [CLS, mean patch]); the same invariants as every text family (cut =
 masked, cost = real parameters, reload with and without vtrans)."""
+import json
+import re
+import shutil
+
 import pytest
 import torch
 import transformers
-from conftest import random_kept
+from conftest import random_kept, tiny_model
+from PIL import Image
 from test_surgery import masked_logits, random_scale
 
-from vtrans import load
+from vtrans import compress, load
 from vtrans.arch import adapter_for
 from vtrans.budget import exact_cost
+from vtrans.errors import UsageError
+from vtrans.images import load_images
+from vtrans.objectives import objective_for
 from vtrans.surgery import cut_model, masked_values, save
+from vtrans.training import TeacherOutputs
 
 VIT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, image_size=16,
            patch_size=4, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -21,12 +30,16 @@ VISION = {
 }
 
 
-@pytest.fixture(params=list(VISION))
-def vit(request):
-    model_class, config_class, config = VISION[request.param]
+def vit_model(kind: str):
+    model_class, config_class, config = VISION[kind]
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
     return model, adapter_for(model), {"pixel_values": torch.randn(2, 3, 16, 16)}
+
+
+@pytest.fixture(params=list(VISION))
+def vit(request):
+    return vit_model(request.param)
 
 
 def test_a_cut_vit_gives_the_masked_logits_and_counts_its_real_parameters(vit):
@@ -61,3 +74,105 @@ def test_vit_flops_count_the_patch_projection_on_every_patch():
     minimal = adapter.minimal_kept()  # one hidden dim, no blocks: the projection on each patch, the head on the CLS
     patches, weights_per_dim = 16, 3 * 4 * 4 + 1  # a 4 x 4 patch of 3 channels, and the bias
     assert exact_cost(adapter, minimal, seq_len=17)["flops"] == 2 * patches * weights_per_dim + 2 * VIT["num_labels"]
+
+
+# --- the image objective: a folder of class subfolders, end to end -------------------------------------------
+
+BRIGHTNESS = {"dark": 40, "mid": 120, "light": 200}  # three classes a tiny model can tell apart
+
+
+def write_image_folder(root, per_class: int = 24, side: int = 12):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label, level in BRIGHTNESS.items():
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (level + 30 * torch.randn(side, side, 3, generator=generator)).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """A DINOv2 backbone without a head (so vtrans fine-tunes a teacher) and a folder of 3 x 24 images."""
+    root = tmp_path_factory.mktemp("images")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(**{k: v for k, v in VISION["dinov2"][2].items() if k != "num_labels"})
+    transformers.Dinov2Model(config).save_pretrained(root / "backbone")
+    return root / "backbone", write_image_folder(root / "data")
+
+
+IMAGE_RUN = dict(objective="image", batch_size=8, teacher_epochs=6, teacher_lr=1e-3, latency_batch=2,
+                 checkpoint_every=0, say=lambda message: None)
+
+
+@pytest.mark.parametrize("method", ["vtrans", "fast-vtrans", "faster-vtrans", "optin", "fisher", "magnitude",
+                                    "random"])
+def test_every_method_compresses_a_vision_model_on_an_image_folder(image_data, tmp_path, monkeypatch, method):
+    monkeypatch.setenv("VTRANS_CACHE", str(tmp_path.parent / "vision-cache"))  # one teacher for every method
+    backbone, folder = image_data
+    result = compress(str(backbone), str(folder), target="flops=0.5", method=method, out=tmp_path / "out",
+                      prune_epochs=1, **IMAGE_RUN)
+    report = result.report
+    # images were read with their labels: the fine-tuned teacher tells the brightness classes apart
+    assert report["dense"]["metric"]["accuracy"] == 1.0
+    assert report["budget"]["met"] and report["target"]["seq_len"] == 17  # 4 x 4 patches of 4 pixels + CLS
+    assert report["compressed"]["flops"] <= 0.5 * report["dense"]["flops"]
+    saved = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 16, "width": 16}
+
+
+def test_a_compressed_vision_model_reloads_with_its_image_processor(image_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("VTRANS_CACHE", str(tmp_path.parent / "vision-cache"))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    backbone, folder = image_data
+    compress(str(backbone), str(folder), target="flops=0.5", method="fisher", out=tmp_path / "out", **IMAGE_RUN)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "out")
+    images = [Image.open(path).convert("RGB") for path in sorted((folder / "light").iterdir())[:3]]
+    inputs = processor(images, return_tensors="pt")
+    remote = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    with torch.no_grad():
+        ours = load(tmp_path / "out")(**inputs).logits
+        theirs = remote.eval()(**inputs).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    light = remote.config.label2id["light"]
+    assert (theirs.argmax(-1) == light).all()
+
+
+def test_the_teacher_remembers_an_image_by_its_pixels():
+    model, _, _ = vit_model("vit")
+    teacher = TeacherOutputs(model, objective_for("image"), max_bytes=1 << 20)
+    images = {"pixel_values": torch.randn(3, 3, 16, 16)}
+    first = teacher(dict(images))
+    again = teacher(dict(images))
+    other = teacher({"pixel_values": images["pixel_values"].flip(0)})
+    assert teacher.forwards == 1  # the second and the reordered batch came from memory
+    assert torch.equal(first.outputs, again.outputs) and torch.equal(other.outputs, first.outputs.flip(0))
+    assert all(torch.allclose(a, b) for a, b in zip(first.hidden_states, again.hidden_states))
+
+
+@pytest.mark.parametrize("model_kind, options, message", [
+    ("vit", dict(image_size=32), "position embeddings are for 16-pixel images; use --image-size 16"),
+    ("dinov2", dict(image_size=18), "not a multiple of the model's 4-pixel patches; use 16"),
+    ("bert", {}, "--objective image needs a vision model"),
+])
+def test_image_runs_that_cannot_work_are_refused_before_training(tmp_path, model_kind, options, message):
+    if model_kind == "bert":
+        model = tiny_model("bert")
+    else:
+        model, _, _ = vit_model(model_kind)
+    model.save_pretrained(tmp_path / "model")
+    write_image_folder(tmp_path / "data", per_class=2)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        compress(str(tmp_path / "model"), str(tmp_path / "data"), out=tmp_path / "out", **IMAGE_RUN | options)
+
+
+def test_image_folders_without_classes_are_refused(tmp_path):
+    write_image_folder(tmp_path / "data", per_class=1)
+    with pytest.raises(UsageError, match="no images in class subfolders"):
+        load_images(str(tmp_path / "data" / "dark"))  # images, but no class subfolders
+    for label in ("mid", "light"):
+        shutil.rmtree(tmp_path / "data" / label)
+    with pytest.raises(UsageError, match="one class"):
+        load_images(str(tmp_path / "data"))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from accelerate import init_empty_weights
 
-from vtrans.arch import Kept, adapter_class_for, adapter_for
+from vtrans.arch import Kept, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, parse_target
 from vtrans.checkpoint import Checkpoint
 from vtrans.data import DEFAULT_HOLDOUT, DEMO_TEST, DEMO_TRAIN, demo_path
@@ -34,9 +34,10 @@ from vtrans.training import DISTILL_LAYERS, DistillWeights
 class Options:
     """Everything `compress` can be told besides model, data, target, method and out."""
 
-    objective: str = "classification"  # or "lm": plain text, next-token loss, perplexity
+    objective: str = "classification"  # or "lm", "features", "image" (objectives/__init__.py)
     eval_data: str | None = None
-    max_length: int = 128  # tokens per example; FLOPs budgets are counted at this length
+    max_length: int = 128  # tokens per example (text); FLOPs budgets are counted at this length
+    image_size: int | None = None  # pixels a side (images); None: the model's; FLOPs count its patches
     batch_size: int = 32
     seed: int = 0
     overwrite: bool = False
@@ -75,6 +76,7 @@ def validate_options(opts: Options) -> None:
     checks = [
         ("--objective", opts.objective, opts.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         ("--max-length", opts.max_length, opts.max_length >= 2, "at least 2"),
+        ("--image-size", opts.image_size, opts.image_size is None or opts.image_size >= 1, "at least 1"),
         ("--batch-size", opts.batch_size, opts.batch_size >= 1, "at least 1"),
         ("--holdout", opts.holdout, 0 < opts.holdout < 1, "between 0 and 1"),
         ("--data-fraction", opts.data_fraction, 0 < opts.data_fraction <= 1, "in (0, 1]"),
@@ -133,18 +135,15 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     if opts.quantize is not None:
         check_available(opts.quantize)
     budget = replace(parse_target(target, opts.max_length), multiple=opts.round_to)
-    if budget.kind == "latency":  # timed at the latency batch and length, so its costs are counted at that length
-        budget = replace(budget, seq_len=opts.latency_seq_len)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
     objective = objective_for(opts.objective)
     if data is None and objective.name != "classification":
-        raise UsageError(f"--objective {objective.name} needs --data: plain text (.txt, JSONL with a text field, "
-                         "or a datasets name)")
+        raise UsageError(f"--objective {objective.name} needs --data: {objective.data_wanted}")
     identity = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
-        name: getattr(opts, name) for name in ("objective", "eval_data", "max_length", "batch_size", "seed", "holdout",
-                                               "prune_epochs", "recover_epochs", "data_fraction", "round_to",
-                                               *MASK_OPTIONS)}
+        name: getattr(opts, name) for name in ("objective", "eval_data", "max_length", "image_size", "batch_size",
+                                               "seed", "holdout", "prune_epochs", "recover_epochs", "data_fraction",
+                                               "round_to", *MASK_OPTIONS)}
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", opts.checkpoint_every, identity)
     if checkpoint.exists() and not (opts.resume or opts.overwrite):
         raise UsageError(f"an interrupted run left a checkpoint in {checkpoint.directory}: pass --resume to "
@@ -160,10 +159,9 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         data, opts.eval_data = demo_path(DEMO_TRAIN), opts.eval_data or demo_path(DEMO_TEST)
         say(f"vtrans: no data given: using the bundled Rotten Tomatoes demo ({DEMO_TRAIN}, {DEMO_TEST})")
     config = load_config(model_name)
-    positions = adapter_class_for(config.model_type).max_tokens(config)
-    if opts.max_length > positions:
-        raise UsageError(f"--max-length {opts.max_length} exceeds the model's {positions} positions; "
-                         "use at most that")
+    latency_tokens = objective.latency_tokens(config, opts)
+    # a latency budget is timed at the latency batch and length, so its costs are counted at that length
+    budget = replace(budget, seq_len=latency_tokens if budget.kind == "latency" else objective.tokens(config, opts))
     keep_hidden = not (METHODS[method].prunes_hidden and objective.prunes_hidden)
     hint = hidden_width_hint(method, objective)
     if budget.kind != "latency":  # a latency budget is checked once this machine's latency model is measured
@@ -188,12 +186,12 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     teacher.model.requires_grad_(False)
     eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64)
 
+    latency_inputs = objective.random_inputs(teacher.model.config, opts.latency_batch, latency_tokens)
     if budget.kind == "latency":
         budget = replace(budget, latency=fit_latency(
             teacher.model,
-            opts.latency_batch,
-            opts.latency_seq_len,
-            vocab_size=teacher.tokenizer.vocab_size,
+            latency_inputs,
+            latency_tokens,
             cache=cache_root(),
             keep_hidden=keep_hidden,
         ))
@@ -238,7 +236,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
                                                       teacher.model, f"evaluating {opts.quantize}")}
             runners[opts.quantize] = onnx_runner(int8)
             onnx_files = {f"onnx/{path.name}": path for path in Path(scratch).iterdir()}
-        times = measure(runners, opts.latency_batch, opts.latency_seq_len, teacher.tokenizer.vocab_size)
+        times = measure(runners, latency_inputs)
         latency = {name: statistics.median(t) for name, t in times.items()}
         report = build_report(
             method=method,
@@ -252,7 +250,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
             dense_metric=dense_metric,
             compressed_metric=compressed_metric,
             latency=latency,
-            latency_shape=(opts.latency_batch, opts.latency_seq_len),
+            latency_shape=(opts.latency_batch, latency_tokens),
             kept=outcome.kept,
             dense_kept=Kept.dense(teacher_adapter.dims()),
             compression_seconds=compression_seconds,
@@ -263,7 +261,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
             query_group=teacher_adapter.dims().query_group,
             quantized=quantized,
         )
-        save(compressed, teacher.tokenizer, out, {"report.json": report, "training_log.json": outcome.log},
+        save(compressed, teacher.processor, out, {"report.json": report, "training_log.json": outcome.log},
              {"README.md": model_card(report, objective.auto_class().__name__)} | objective.files_beside(model_name),
              copied=onnx_files, overwrite=opts.overwrite)
     checkpoint.clear()

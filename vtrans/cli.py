@@ -23,18 +23,24 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="Hugging Face name or local path (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--data", help="CSV/TSV/JSONL file with text[, text_pair], label columns, or a datasets "
                                        "name (default: bundled Rotten Tomatoes demo); for --objective lm or "
-                                       "features, plain text: .txt, or rows with a text field")
+                                       "features, plain text: .txt, or rows with a text field; for --objective "
+                                       "image, a directory of class subfolders (DIR/<label>/<image>) or a datasets "
+                                       "name with image and label columns")
     parser.add_argument("--objective", default=DEFAULTS.objective, choices=list(OBJECTIVES),
                         help="classification: labelled text, accuracy; lm: plain text, next-token loss and "
                              "distillation, perplexity at --max-length tokens; features: plain text, no labels, "
-                             "an encoder's representations distilled, cosine to the dense sentence embeddings "
-                             "(default: classification)")
+                             "an encoder's representations distilled, cosine to the dense sentence embeddings; "
+                             "image: labelled images, a ViT or DINOv2 classifier, accuracy (default: "
+                             "classification)")
     parser.add_argument("--eval-data", help="held-out data (default: hold out part of --data, reproducibly)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--max-length", type=int, default=DEFAULTS.max_length,
                         help="tokens per example; FLOPs budgets are counted at this length")
+    parser.add_argument("--image-size", type=int, default=DEFAULTS.image_size,
+                        help="--objective image: pixels a side images are resized to; FLOPs count the patches of "
+                             "this size (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--holdout", type=float, default=DEFAULTS.holdout,
                         help="share of --data held out when no --eval-data is given")
@@ -72,7 +78,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                        help="hidden states distilled from the teacher (default: all; none for --objective lm)")
 
 
-RUN_OPTIONS = ("objective", "eval_data", "max_length", "batch_size", "seed", "holdout", "teacher_epochs",
+RUN_OPTIONS = ("objective", "eval_data", "max_length", "image_size", "batch_size", "seed", "holdout", "teacher_epochs",
                "prune_epochs", "recover_epochs", "data_fraction", "round_to", "quantize", *MASK_OPTIONS)
 
 

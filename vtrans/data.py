@@ -42,6 +42,10 @@ class Table:
         pair = [self.text_pair[i] for i in rows] if self.text_pair is not None else None
         return Table([self.text[i] for i in rows], [self.labels[i] for i in rows], self.source, pair)
 
+    def identity(self) -> list:
+        """What the data is, for a cache key."""
+        return [self.text, self.text_pair, self.labels]
+
 
 def _open_text(path: Path):
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
@@ -68,7 +72,7 @@ def _read_rows(path: Path) -> list[dict]:
     raise UsageError(f"--data {path}: unknown file type; use .csv, .tsv, .jsonl or .json (optionally .gz)")
 
 
-def _read_dataset(name: str, split: str) -> list[dict]:
+def read_dataset(name: str, split: str) -> list[dict]:
     import datasets  # imported here: slow to import, and only needed for names
 
     dataset_name, _, config = name.partition(":")
@@ -82,7 +86,7 @@ def _read_dataset(name: str, split: str) -> list[dict]:
 def load_table(spec: str, split: str = "train") -> Table:
     """Read `spec` (a file, or a `datasets` name, optionally `name:config`) and check its columns."""
     path = Path(spec)
-    rows = _read_rows(path) if path.exists() else _read_dataset(spec, split)
+    rows = _read_rows(path) if path.exists() else read_dataset(spec, split)
     if not rows:
         raise UsageError(f"--data {spec}: no rows; give a file with a header and at least one example")
     columns = set(rows[0])
@@ -143,6 +147,19 @@ def holdout_split(table: Table, fraction: float, seed: int) -> tuple[Table, Tabl
         raise UsageError(f"--data {table.source}: too few rows ({len(table)}) to hold out an evaluation part; "
                          "add rows or pass --eval-data")
     return table.subset([i for i in range(len(table)) if i not in held]), table.subset(sorted(held))
+
+
+def example_count(batch: dict) -> int:
+    """Examples in a batch: the rows of its model input (input_ids for text, pixel_values for images)."""
+    inputs = batch.get("input_ids", batch.get("pixel_values"))
+    return inputs.shape[0]
+
+
+def token_mask(batch: dict, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, S) 1 on the real tokens of hidden states of `shape` (B, S): the batch's attention mask, or all ones
+    where inputs are never padded (an image's patches)."""
+    mask = batch.get("attention_mask")
+    return mask if mask is not None else torch.ones(tuple(shape), dtype=torch.long)
 
 
 class Examples(torch.utils.data.Dataset):
@@ -213,7 +230,7 @@ def load_text(spec: str, split: str = "train") -> Text:
             raise UsageError(f"--data {path}: cannot be read ({e}); give UTF-8 text") from None
         documents = [p.strip() for p in content.replace("\r\n", "\n").split("\n\n")]
     else:
-        rows = _read_rows(path) if path.exists() else _read_dataset(spec, split)
+        rows = _read_rows(path) if path.exists() else read_dataset(spec, split)
         if rows and "text" not in rows[0]:
             raise UsageError(f"--data {spec}: no 'text' field (found: {', '.join(sorted(map(str, rows[0])))}); "
                              "give plain text (.txt) or rows with a text field")

@@ -32,7 +32,7 @@ from vtrans.errors import UsageError
 
 FEATURES = ("flops", "attention_blocks", "mlp_blocks", "hidden")  # terms of Adapter.cost
 
-Runner = Callable[[dict[str, torch.Tensor]], object]  # one forward pass on a batch of input_ids, attention_mask
+Runner = Callable[[dict[str, torch.Tensor]], object]  # one forward pass on a batch of model inputs
 
 
 def torch_runner(model: torch.nn.Module) -> Runner:
@@ -75,10 +75,10 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int) -> dict[str, to
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def measure(runners: dict[str, Runner], batch_size: int, seq_len: int, vocab_size: int, repeats: int = 10,
+def measure(runners: dict[str, Runner], inputs: dict[str, torch.Tensor], repeats: int = 10,
             warmup: int = 2) -> dict[str, list[float]]:
-    """Milliseconds per forward pass of each runner, `repeats` times each, interleaved, after `warmup` passes."""
-    inputs = random_batch(batch_size, seq_len, vocab_size)
+    """Milliseconds per forward pass of each runner on `inputs`, `repeats` times each, interleaved, after
+    `warmup` passes."""
     for run in runners.values():
         for _ in range(warmup):
             run(inputs)
@@ -134,7 +134,7 @@ def compare(specs: list[str], batch_sizes: list[int], seq_lens: list[int], repea
     rows = []
     for batch_size in batch_sizes:
         for seq_len in seq_lens:
-            times = measure(runners, batch_size, seq_len, vocab_size, repeats, warmup)
+            times = measure(runners, random_batch(batch_size, seq_len, vocab_size), repeats, warmup)
             first = statistics.median(times[specs[0]])
             rows.append({"batch": batch_size, "seq_len": seq_len, "new_tokens": new_tokens,
                          "threads": torch.get_num_threads(), "models": {
@@ -194,11 +194,15 @@ def _random_kept(dims, fractions: dict[str, float], generator: torch.Generator):
                 ffn_block=(torch.rand(dims.layers, generator=generator) > fractions["drop"]).tolist())
 
 
-def fit_latency(model: torch.nn.Module, batch: int, seq_len: int, vocab_size: int, cache: Path | None = None,
+def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len: int, cache: Path | None = None,
                 variants: int = 12, repeats: int = 5, keep_hidden: bool = False) -> LatencyModel:
-    """Measure this machine's latency model for `model` (dense) at batch x seq_len; cached in `cache`."""
+    """Measure this machine's latency model for `model` (dense) on `inputs` (a batch of `seq_len` tokens per
+    example); cached in `cache`."""
     from vtrans.arch import Kept, adapter_for
+    from vtrans.data import example_count
     from vtrans.surgery import cut_model
+
+    batch = example_count(inputs)
 
     key = hashlib.sha256(json.dumps([model.config.to_dict(), machine(), batch, seq_len, variants, keep_hidden],
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -220,8 +224,7 @@ def fit_latency(model: torch.nn.Module, batch: int, seq_len: int, vocab_size: in
             kept.hidden = list(range(dims.hidden))
         variant = copy.deepcopy(model)
         cut_model(adapter_for(variant), kept)
-        times = measure({"dense": dense_runner, "variant": torch_runner(variant)}, batch, seq_len, vocab_size,
-                        repeats, warmup=1)
+        times = measure({"dense": dense_runner, "variant": torch_runner(variant)}, inputs, repeats, warmup=1)
         dense_times.append(statistics.median(times["dense"]))
         costs = adapter.cost(kept.size_tensors(), seq_len)
         rows.append(([float(costs[name]) for name in FEATURES], statistics.median(times["variant"]) / dense_times[-1]))

@@ -137,7 +137,9 @@ def _fixup_line(fixup: dict | None) -> list[str]:
     return [f"  fix-up    {', '.join(moved) if moved else 'none: training met the budget'}"]
 
 
-PIPELINE_TAGS = {"classification": "text-classification", "lm": "text-generation", "features": "feature-extraction"}
+PIPELINE_TAGS = {"classification": "text-classification", "lm": "text-generation", "features": "feature-extraction",
+                 "image": "image-classification"}
+PROCESSORS = {"image": ("AutoImageProcessor", "processor")}  # what prepares inputs, if not a tokenizer
 
 
 def model_card(report: dict, auto_class: str) -> str:
@@ -151,6 +153,7 @@ def model_card(report: dict, auto_class: str) -> str:
               f"pipeline_tag: {PIPELINE_TAGS.get(report.get('objective', 'classification'))}"]
     if "/" in base and not Path(base).exists():  # a Hub name, not a local path
         header.append(f"base_model: {base}")
+    processor_class, processor = PROCESSORS.get(report.get("objective"), ("AutoTokenizer", "tokenizer"))
     layers = [f"| {i} | {layer['heads'] if layer['attention'] else 0} / {d['heads']} | "
               f"{layer['ffn'] if layer['ffn_block'] else 0} / {d['ffn']} |"
               for i, (layer, d) in enumerate(zip(report["kept"]["layers"], report["dense_kept"]["layers"]))]
@@ -174,9 +177,10 @@ def model_card(report: dict, auto_class: str) -> str:
         "## Load it", "",
         "With transformers alone (the directory carries its modeling code, `modeling_vtrans.py`, which resizes the",
         "dense architecture to the kept sizes in `config.json`):", "",
-        "```python", f"from transformers import AutoTokenizer, {auto_class}", "",
+        "```python", f"from transformers import {processor_class}, {auto_class}", "",
         f"model = {auto_class}.from_pretrained(\"path/to/this/directory\", trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/directory\", trust_remote_code=True)", "```", "",
+        f"{processor} = {processor_class}.from_pretrained(\"path/to/this/directory\", trust_remote_code=True)", "```",
+        "",
         *_sentence_transformers_lines(report),
         "Or with vtrans installed, without running that code: `model = vtrans.load(\"path/to/this/directory\")`.", ""])
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from vtrans.arch import adapter_class_for
-from vtrans.data import Encoded, Table, label_ids
+from vtrans.data import label_ids
 from vtrans.deploy import remote_code
 from vtrans.errors import UsageError
 from vtrans.surgery import save
@@ -47,21 +47,22 @@ def load_config(name: str):
 @dataclass
 class Teacher:
     model: torch.nn.Module
-    tokenizer: object
+    processor: object  # what turns data into the model's inputs: the tokenizer, or the image processor
     label_map: dict  # label value (as a string) -> class id
     fine_tuned_at: str | None  # where the teacher vtrans fine-tuned is cached, if it made one
 
 
-def _trained_head(name: str, config, tables: list[Table]):
-    """(model, label_map) when the checkpoint has a trained classification head the labels fit, else None."""
-    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+def _trained_head(name: str, config, tables: list, auto_class):
+    """(model, label_map) when the checkpoint has a trained head of `auto_class`'s kind (e.g.
+    ForSequenceClassification) that the labels fit, else None."""
+    head = auto_class.__name__.removeprefix("AutoModel")
+    if not any(a.endswith(head) for a in config.architectures or []):
         return None
     try:
         label_map = label_ids(tables, config.label2id, config.num_labels)
     except UsageError:
         return None
-    model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True,
-                                                                     dtype=torch.float32)
+    model, info = auto_class.from_pretrained(name, output_loading_info=True, dtype=torch.float32)
     if info["missing_keys"]:
         return None
     return model, label_map
@@ -90,40 +91,49 @@ def load_tokenizer(name: str):
 
 
 def load_as_given(name: str, auto_class) -> Teacher:
-    """The dense model as it is (objectives without labels train no head first)."""
-    tokenizer = load_tokenizer(name)
+    """The dense model as it is (text objectives without labels train no head first)."""
     model = auto_class.from_pretrained(name, dtype=torch.float32)
-    return Teacher(model.eval(), tokenizer, None, None)
+    return Teacher(model.eval(), load_tokenizer(name), None, None)
 
 
-def load_teacher(name: str, train: Table, evaluation: Table, max_length: int, batch_size: int,
-                 epochs: float, lr: float, seed: int, say=print) -> Teacher:
+def load_teacher(name: str, objective, train, evaluation, options, say=print) -> Teacher:
+    """MODEL as given when its head fits the labels of `train` and `evaluation`, else a head fine-tuned on
+    `train` with `objective`'s data and loss, cached under the model, data and settings."""
     config = load_config(name)
-    tokenizer = load_tokenizer(name)
-    found = _trained_head(name, config, [train, evaluation])
+    processor = objective.load_processor(name, config, options)
+    auto_class = objective.auto_class()
+    found = _trained_head(name, config, [train, evaluation], auto_class)
     if found is not None:
         model, label_map = found
-        model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder classifier finds the last token
-        return Teacher(model.eval(), tokenizer, label_map, None)
+        model.config.update(objective.head_settings(processor))
+        return Teacher(model.eval(), processor, label_map, None)
 
     label_map = label_ids([train, evaluation], None, None)
     num_labels = max(label_map.values()) + 1
     source = str(Path(name).resolve()) if Path(name).exists() else name
-    key = _fingerprint(source, train.text, train.text_pair, train.labels, label_map, max_length, batch_size, epochs,
-                       lr, seed, transformers.__version__)
+    key = _fingerprint(source, objective.name, train.identity(), label_map, objective.tokens(config, options),
+                       options.batch_size, options.teacher_epochs, options.teacher_lr, options.seed,
+                       transformers.__version__)
     cached = cache_root() / "teachers" / key
     if (cached / "config.json").exists():
         say(f"vtrans: using the teacher fine-tuned earlier for this model and data: {cached}")
     else:
         say(f"vtrans: {name} has no trained head for these {num_labels} labels: fine-tuning a teacher "
-            f"({epochs:g} epoch(s) on {len(train)} examples); it will be cached at {cached}")
+            f"({options.teacher_epochs:g} epoch(s) on {len(train)} {objective.examples}); it will be cached at "
+            f"{cached}")
         id2label = {i: str(i) for i in range(num_labels)} | {v: str(k) for k, v in label_map.items()}
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, dtype=torch.float32)
-        torch.manual_seed(seed)
-        loader = Encoded(train, tokenizer, label_map, max_length).loader(batch_size, shuffle=True, seed=seed)
-        finetune(model, loader, epochs, lr)
-        save(model, tokenizer, cached, overwrite=True)
-    model = AutoModelForSequenceClassification.from_pretrained(cached, dtype=torch.float32)
-    return Teacher(model.eval(), tokenizer, label_map, str(cached))
+        model = auto_class.from_pretrained(
+            name,
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+            ignore_mismatched_sizes=True,
+            dtype=torch.float32,
+            **objective.head_settings(processor),
+        )
+        torch.manual_seed(options.seed)
+        examples = objective.encode(train, Teacher(model, processor, label_map, None), options.max_length)
+        finetune(model, examples.loader(options.batch_size, shuffle=True, seed=options.seed), options.teacher_epochs,
+                 options.teacher_lr)
+        save(model, processor, cached, overwrite=True)
+    model = auto_class.from_pretrained(cached, dtype=torch.float32)
+    return Teacher(model.eval(), processor, label_map, str(cached))

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vtrans.checkpoint import Checkpoint, capture, restore
+from vtrans.data import example_count, token_mask
 from vtrans.objectives import Objective
 
 
@@ -53,19 +54,29 @@ class TeacherOutputs:
 
     @staticmethod
     def _keys(batch: dict) -> list[tuple]:
-        real = batch["attention_mask"].bool()
-        types = batch.get("token_type_ids")
-        return [(tuple(batch["input_ids"][b][real[b]].tolist()),
-                 tuple(types[b][real[b]].tolist()) if types is not None else ()) for b in range(len(real))]
+        """Each example's inputs as bytes: its real tokens (ids, token types), or its pixels."""
+        real = batch.get("attention_mask")
+        keys = []
+        for b in range(example_count(batch)):
+            parts = []
+            for name, value in sorted(batch.items()):
+                if name in ("attention_mask", "labels"):
+                    continue
+                row = value[b]
+                if real is not None and value.shape[:2] == real.shape:  # per token: the real ones only
+                    row = row[real[b].bool()]
+                parts.append(row.numpy().tobytes())
+            keys.append(tuple(parts))
+        return keys
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> SimpleNamespace:
         if self.max_bytes == 0:  # nothing to remember: just the teacher
             return self._run(batch)
         keys = self._keys(batch)
-        real = batch["attention_mask"].bool()
         if not all(key in self.memory for key in keys):
             out = self._run(batch)
+            real = token_mask(batch, out.hidden_states[0].shape[:2]).bool()
             for b, key in enumerate(keys):
                 row = (out.outputs[b].clone(), [h[b][real[b]].clone() for h in out.hidden_states])
                 size = sum(t.numel() * t.element_size() for t in [row[0], *row[1]])
@@ -74,6 +85,7 @@ class TeacherOutputs:
                     self.stored_bytes += size
             return out
         rows = [self.memory[key] for key in keys]
+        real = token_mask(batch, (len(rows), rows[0][1][0].shape[0])).bool()
         hidden = []
         for layer in range(len(rows[0][1])):
             h = rows[0][1][layer].new_zeros(*real.shape, rows[0][1][layer].shape[-1])
@@ -85,8 +97,8 @@ class TeacherOutputs:
     def _run(self, batch: dict) -> SimpleNamespace:
         self.forwards += 1
         out = self.teacher(**batch, output_hidden_states=True)
-        return SimpleNamespace(outputs=self.objective.outputs(out, batch["attention_mask"]),
-                               hidden_states=out.hidden_states)
+        real = token_mask(batch, out.hidden_states[0].shape[:2])
+        return SimpleNamespace(outputs=self.objective.outputs(out, real), hidden_states=out.hidden_states)
 
 
 DISTILL_LAYERS = ("all", "last", "none")
@@ -105,7 +117,11 @@ class DistillWeights:
 def frozen_input_embeddings(model):
     """The token embedding table stays as it is while training: its AdamW state alone would be half of a
     small model's (11.7M of MiniLM's 22.7M parameters), and a step updates every row of it."""
-    table = model.get_input_embeddings().weight
+    embeddings = model.get_input_embeddings()
+    if not isinstance(embeddings, torch.nn.Embedding):  # a vision model's patch projection: small, trained
+        yield
+        return
+    table = embeddings.weight
     was = table.requires_grad
     table.requires_grad_(False)
     try:
@@ -114,13 +130,21 @@ def frozen_input_embeddings(model):
         table.requires_grad_(was)
 
 
-def distill_loss(student, teacher, labels, attention_mask, weights: DistillWeights, objective: Objective,
-                 hidden_index: torch.Tensor | None = None, hidden_keep: torch.Tensor | None = None) -> dict:
+def distill_loss(
+    student,
+    teacher,
+    labels,
+    attention_mask: torch.Tensor,
+    weights: DistillWeights,
+    objective: Objective,
+    hidden_index: torch.Tensor | None = None,
+    hidden_keep: torch.Tensor | None = None,
+) -> dict:
     """The objective's task loss + distillation from the teacher's logits (as the objective compares them)
     and hidden states.
 
-    `hidden_index` selects the teacher dims that a cut student kept; `hidden_keep` (0/1) restricts the
-    comparison for a masked student to its kept dims.
+    `attention_mask` (B, S) marks real tokens (data.token_mask); `hidden_index` selects the teacher dims that a
+    cut student kept; `hidden_keep` (0/1) restricts the comparison for a masked student to its kept dims.
     """
     outputs = objective.outputs(student, attention_mask)
     task = objective.task_loss(outputs, labels, attention_mask)
@@ -181,7 +205,8 @@ def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWei
     def loss_of(batch):
         labels = batch.pop("labels", None)
         target = teacher_outputs(batch)
-        return distill_loss(student(**batch, output_hidden_states=True), target, labels,
-                            batch["attention_mask"], weights, objective, hidden_index=hidden_index)
+        out = student(**batch, output_hidden_states=True)
+        return distill_loss(out, target, labels, token_mask(batch, out.hidden_states[0].shape[:2]), weights,
+                            objective, hidden_index=hidden_index)
     with frozen_input_embeddings(student):
         train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover", **checkpointing)

@@ -263,6 +263,8 @@ class Adapter:
     head_input_copies: int = 1  # hidden-wide pieces the head's first linear reads (DINOv2: CLS and mean patch)
     embedding_norm: str | None = None  # a norm right after the embeddings (post-norm encoders)
     final_norm: str | None = None  # a norm after the last layer (pre-norm models)
+    vision: bool = False  # reads images (pixel_values), not tokens
+    resizes_images: bool = False  # takes images of any size (interpolating its position embeddings)
     # attributes an attention module keeps about its own size, set on a cut: "heads" (head units) or "width"
     attention_sizes: dict[str, str] = {}
 
@@ -287,6 +289,11 @@ class Adapter:
     def max_tokens(config) -> int:
         """The longest sequence the model's position embeddings allow."""
         return config.max_position_embeddings
+
+    @staticmethod
+    def image_tokens(config, image_size: int) -> int:
+        """Tokens of one square image `image_size` pixels a side (vision families only)."""
+        raise NotImplementedError
 
     # -- parts -------------------------------------------------------------------------------------------
     def layer_modules(self) -> nn.ModuleList:

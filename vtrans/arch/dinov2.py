@@ -22,6 +22,7 @@ class Dinov2Adapter(ViTAdapter):
     layers_path = "encoder.layer"
     embedding_vectors = ("embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings")
     head_input_copies = 2  # [CLS token, mean of the patch tokens]
+    resizes_images = True  # its position embeddings are interpolated to any patch grid
 
     def head_logits(self, last_hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         normed = self.base.get_submodule(self.final_norm)(last_hidden)

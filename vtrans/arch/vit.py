@@ -25,6 +25,7 @@ class ViTAdapter(Adapter):
     embedding_vectors = ("embeddings.cls_token", "embeddings.position_embeddings")
     projected_tokens_missing = 1  # the CLS token
     final_norm = "layernorm"
+    vision = True
 
     def head_paths(self) -> tuple[str, ...]:
         return () if self.model is self.base else ("classifier",)
@@ -34,5 +35,9 @@ class ViTAdapter(Adapter):
 
     @staticmethod
     def max_tokens(config) -> int:
+        return ViTAdapter.image_tokens(config, config.image_size)
+
+    @staticmethod
+    def image_tokens(config, image_size: int) -> int:
         """Patches of one image, plus the CLS token."""
-        return (config.image_size // config.patch_size) ** 2 + 1
+        return (image_size // config.patch_size) ** 2 + 1

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from vtrans.arch import Kept, MaskValues, detach_masks
 from vtrans.arch.base import weight_out_in
 from vtrans.budget import Selection, select_kept
+from vtrans.data import example_count, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import keep_structure_of, score_log, search_kept
 from vtrans.surgery import indicators
@@ -104,7 +105,7 @@ def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int
     try:
         for batch in tqdm(itertools.islice(loader, batches), total=batches, desc=f"{job.method}: Fisher information",
                           dynamic_ncols=True):
-            b = batch["input_ids"].shape[0]
+            b = example_count(batch)
             z = {name: value.detach().expand(b, *value.shape).clone().requires_grad_(name in groups)
                  for name, value in at.items()}
             values.set(z, hidden_keep)
@@ -188,7 +189,7 @@ def _normal_equations(job, loader, values, scale, reader, teacher_reader, units,
             job.teacher(**batch)
             values.set({name: v.unsqueeze(0) for name, v in scale.items()}, scale["hidden"])
             job.model(**batch)
-            tokens = batch["attention_mask"].bool()
+            tokens = token_mask(batch, captured["x"].shape[:2]).bool()
             # the kept units' values are still 1 here, so the reader's input holds their plain activations
             x = captured["x"][tokens].unflatten(-1, (-1, width))[:, units].flatten(1).double()  # (T, n*w)
             b = (captured["y"][tokens] - bias).double()

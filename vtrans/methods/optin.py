@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from vtrans.arch import MaskValues, detach_masks
-from vtrans.data import stratified_indices
+from vtrans.data import example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
 
@@ -63,8 +63,7 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     indices = stratified_indices(job.train.strata, fraction, job.seed)
     batch = job.train.collate([job.train[i] for i in indices])
     batch.pop("labels", None)
-    b = batch["input_ids"].shape[0]
-    tokens = batch["attention_mask"].unsqueeze(-1).float()
+    b = example_count(batch)
 
     captured = {}  # each layer's call: (args, kwargs) of the dense forward
 
@@ -77,8 +76,10 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
         reference = model(**batch, output_hidden_states=True)
     finally:
         detach_masks(hooks)
+    real = token_mask(batch, reference.hidden_states[0].shape[:2])  # (B, S)
+    tokens = real.unsqueeze(-1).float()
     reference_grams = [_token_gram(h, tokens) for h in reference.hidden_states[1:]]
-    reference_outputs = job.objective.outputs(reference, batch["attention_mask"])
+    reference_outputs = job.objective.outputs(reference, real)
     pairs = tokens.sum((1, 2)) ** 2  # token pairs per example, to make Gram distances comparable
 
     values = MaskValues()
@@ -108,7 +109,7 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
                         gram = _token_gram(hidden, tokens.repeat(copies, 1, 1))
                         diff = (gram - reference_grams[j].repeat(copies, 1, 1)).square().sum((1, 2))
                         distance += diff / pairs.repeat(copies)
-                    mask = _repeat(batch["attention_mask"], copies, b)
+                    mask = _repeat(real, copies, b)
                     outputs = job.objective.head_outputs(adapter, hidden, mask)
                     divergence = job.objective.divergence(outputs, _repeat(reference_outputs, copies, b), mask,
                                                           settings.temperature)

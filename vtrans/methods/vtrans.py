@@ -47,6 +47,7 @@ from vtrans.budget import (
     select_kept,
 )
 from vtrans.checkpoint import capture, restore
+from vtrans.data import example_count, token_mask
 from vtrans.masks import VIBMasks
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.baselines import fisher_scores
@@ -173,12 +174,13 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     teacher_out = teacher(batch)
     if settled is None:  # search: sampled masks
         hidden_keep = masks.hidden_keep()
-        values.set(masks.sample(batch["input_ids"].shape[0]), hidden_keep)
+        values.set(masks.sample(example_count(batch)), hidden_keep)
     else:  # settle: exactly the kept model, scaled by mu
         hidden_keep = settled["hidden"].float()
         values.set({name: (m.mu * settled[name]).unsqueeze(0) for name, m in masks.groups.items()}, hidden_keep)
-    losses = distill_loss(model(**batch, output_hidden_states=True), teacher_out, labels,
-                          batch["attention_mask"], settings.distill, job.objective, hidden_keep=hidden_keep)
+    out = model(**batch, output_hidden_states=True)
+    losses = distill_loss(out, teacher_out, labels, token_mask(batch, out.hidden_states[0].shape[:2]),
+                          settings.distill, job.objective, hidden_keep=hidden_keep)
     expected = adapter.cost(masks.expected_sizes(settings.temperature), budget.seq_len)
     s = budget.of(expected) / budget.of(dense)
     t = 1 - (1 - target) * min(1.0, ramped)

@@ -7,12 +7,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtrans.data import holdout_text, load_text
+from vtrans.arch import adapter_class_for
+from vtrans.data import example_count, holdout_text, load_text
+from vtrans.errors import UsageError
 
 
 class Objective:
     name: str = ""
     examples: str = "rows"  # what one example of its data is called in messages
+    data_wanted: str = "a CSV/TSV/JSONL file with text and label columns, or a datasets name"  # for messages
     metric: str = ""  # the key `evaluate` returns
     higher_is_better: bool = True
     prunes_hidden: bool = True  # False: the output width is part of the product (embeddings stay comparable)
@@ -27,8 +30,37 @@ class Objective:
         return {}
 
     def load_teacher(self, name: str, train, evaluation, options, say=print):
-        """The dense model (eval mode) and its tokenizer, prepared for this objective (e.g. fine-tuned)."""
+        """The dense model (eval mode) and its processor, prepared for this objective (e.g. fine-tuned)."""
         raise NotImplementedError
+
+    def load_processor(self, name: str, config, options):
+        """What turns this objective's data into the model's inputs: the tokenizer, for text."""
+        from vtrans.teacher import load_tokenizer
+
+        return load_tokenizer(name)
+
+    def head_settings(self, processor) -> dict:
+        """Config settings a task head needs from the processor: where a decoder classifier finds the last
+        token."""
+        return {"pad_token_id": processor.pad_token_id}
+
+    def tokens(self, config, options) -> int:
+        """Tokens per example, at which FLOPs are counted: --max-length for text."""
+        positions = adapter_class_for(config.model_type).max_tokens(config)
+        if options.max_length > positions:
+            raise UsageError(f"--max-length {options.max_length} exceeds the model's {positions} positions; "
+                             "use at most that")
+        return options.max_length
+
+    def latency_tokens(self, config, options) -> int:
+        """Tokens per example of the random batch latency is timed on: --latency-seq-len for text."""
+        return options.latency_seq_len
+
+    def random_inputs(self, config, batch_size: int, tokens: int) -> dict[str, torch.Tensor]:
+        """A fixed random batch of model inputs, for timing: token ids, all real."""
+        from vtrans.latency import random_batch
+
+        return random_batch(batch_size, tokens, config.vocab_size)
 
     def read(self, spec: str, split: str = "train"):
         """The raw data of DATA (a file or a `datasets` name)."""
@@ -67,7 +99,7 @@ class Objective:
     def fisher_loss(self, model, batch: dict) -> torch.Tensor:
         """A loss summed over the batch's examples whose per-example gradients measure what a unit is worth
         (Fisher information): the model's own task loss on the batch's labels, by default."""
-        return model(**batch).loss * batch["input_ids"].shape[0]
+        return model(**batch).loss * example_count(batch)
 
     def evaluate(self, model, loader, teacher, desc: str = "evaluating") -> dict[str, float]:
         """The metric on held-out data (`teacher`: the dense model, for metrics that compare with it)."""
@@ -79,6 +111,7 @@ class PlainTextObjective(Objective):
     as given: no labels, no fine-tuned head."""
 
     examples = "documents"
+    data_wanted = "plain text (.txt, JSONL with a text field, or a datasets name)"
 
     def load_teacher(self, name, train, evaluation, options, say=print):
         from vtrans.teacher import load_as_given  # the teacher module trains with the objectives' losses

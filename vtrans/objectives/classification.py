@@ -21,8 +21,7 @@ class Classification(Objective):
     def load_teacher(self, name, train, evaluation, options, say=print):
         from vtrans.teacher import load_teacher
 
-        return load_teacher(name, train, evaluation, options.max_length, options.batch_size, options.teacher_epochs,
-                            options.teacher_lr, options.seed, say=say)
+        return load_teacher(name, self, train, evaluation, options, say=say)
 
     def read(self, spec, split="train"):
         return load_table(spec, split)
@@ -31,7 +30,7 @@ class Classification(Objective):
         return holdout_split(data, fraction, seed)
 
     def encode(self, data, teacher, max_length):
-        return Encoded(data, teacher.tokenizer, teacher.label_map, max_length)
+        return Encoded(data, teacher.processor, teacher.label_map, max_length)
 
     def task_loss(self, logits, labels, attention_mask):
         return F.cross_entropy(logits, labels)

@@ -57,7 +57,7 @@ class FeatureDistillation(PlainTextObjective):
         return files
 
     def encode(self, data, teacher, max_length):
-        return Sentences(data, teacher.tokenizer, max_length)
+        return Sentences(data, teacher.processor, max_length)
 
     def outputs(self, model_output, attention_mask):
         return mean_pool(model_output.last_hidden_state, attention_mask)

@@ -27,7 +27,7 @@ class LanguageModelling(PlainTextObjective):
         return AutoModelForCausalLM
 
     def encode(self, data, teacher, max_length):
-        return TextBlocks(data, teacher.tokenizer, max_length)
+        return TextBlocks(data, teacher.processor, max_length)
 
     def task_loss(self, logits, labels, attention_mask):
         # position t predicts token t + 1
