@@ -176,3 +176,14 @@ def test_image_folders_without_classes_are_refused(tmp_path):
         shutil.rmtree(tmp_path / "data" / label)
     with pytest.raises(UsageError, match="one class"):
         load_images(str(tmp_path / "data"))
+
+
+def test_a_datasets_image_dataset_is_read_by_its_image_and_label_columns(monkeypatch):
+    pictures = [Image.new("RGB", (8, 8), color=(level, level, level)) for level in (10, 200)]
+    rows = [{"img": picture, "label": label} for picture, label in zip(pictures, (0, 1))]
+    monkeypatch.setattr("vtrans.images.read_dataset", lambda name, split: rows)
+    table = load_images("some/cifar-like-dataset")
+    assert table.images == pictures and table.labels == [0, 1]
+    monkeypatch.setattr("vtrans.images.read_dataset", lambda name, split: [{"pixels": pictures[0], "label": 0}])
+    with pytest.raises(UsageError, match="needs an image \\(or img\\) column and a label column"):
+        load_images("some/other-dataset")

@@ -12,7 +12,6 @@ put more mass on special + current tokens than kept heads? (means, and a one-sid
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from pathlib import Path
@@ -22,13 +21,12 @@ import torch
 from scipy.stats import mannwhitneyu
 from tqdm.auto import tqdm
 from transformers import AutoModel
-from transformers.utils import logging as transformers_logging
 
 from vtrans import plots
 from vtrans.data import Sentences, Text, load_text
 from vtrans.errors import UsageError
 from vtrans.surgery import atomic_directory, check_output_dir
-from vtrans.teacher import default_model_path, load_config, load_tokenizer
+from vtrans.teacher import default_model_path, load_config, load_tokenizer, quiet_transformers
 
 SHARES = ("special", "current", "previous", "rest")
 MEASURES = SHARES + ("entropy",)
@@ -107,16 +105,6 @@ def received_attention(attentions, real: torch.Tensor, heads: np.ndarray) -> tor
         total += (att * real[:, None]).sum(0) / real.sum()
         n += 1
     return total / max(n, 1)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    level = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(level)
 
 
 def probe(model: str | None, data: str | None, out: str | Path | None = None, compressed: str | Path | None = None,

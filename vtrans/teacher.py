@@ -2,6 +2,7 @@
 a fine-tuned one, cached so that the next run with the same model and data starts at once."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from vtrans.arch import adapter_class_for
 from vtrans.data import label_ids
@@ -68,6 +70,17 @@ def _trained_head(name: str, config, tables: list, auto_class):
     return model, label_map
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off (e.g. the table of head weights a new head initialises: expected here)."""
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
 def _fingerprint(*parts) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -122,14 +135,15 @@ def load_teacher(name: str, objective, train, evaluation, options, say=print) ->
             f"({options.teacher_epochs:g} epoch(s) on {len(train)} {objective.examples}); it will be cached at "
             f"{cached}")
         id2label = {i: str(i) for i in range(num_labels)} | {v: str(k) for k, v in label_map.items()}
-        model = auto_class.from_pretrained(
-            name,
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            ignore_mismatched_sizes=True,
-            dtype=torch.float32,
-            **objective.head_settings(processor),
-        )
+        with quiet_transformers():  # the new head is reported as missing weights: it is, and about to train
+            model = auto_class.from_pretrained(
+                name,
+                id2label=id2label,
+                label2id={v: k for k, v in id2label.items()},
+                ignore_mismatched_sizes=True,
+                dtype=torch.float32,
+                **objective.head_settings(processor),
+            )
         torch.manual_seed(options.seed)
         examples = objective.encode(train, Teacher(model, processor, label_map, None), options.max_length)
         finetune(model, examples.loader(options.batch_size, shuffle=True, seed=options.seed), options.teacher_epochs,
