@@ -156,6 +156,7 @@ def test_the_teacher_remembers_an_image_by_its_pixels():
     ("vit", dict(image_size=32), "position embeddings are for 16-pixel images; use --image-size 16"),
     ("dinov2", dict(image_size=18), "not a multiple of the model's 4-pixel patches; use 16"),
     ("bert", {}, "--objective image needs a vision model"),
+    ("dinov2", dict(quantize="int8"), "--quantize: the ONNX export takes token inputs"),
 ])
 def test_image_runs_that_cannot_work_are_refused_before_training(tmp_path, model_kind, options, message):
     if model_kind == "bert":

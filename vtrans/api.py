@@ -138,6 +138,9 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     out = Path(out)
     check_output_dir(out, opts.overwrite)
     objective = objective_for(opts.objective)
+    if opts.quantize is not None and not objective.exports_onnx:
+        raise UsageError(f"--quantize: the ONNX export takes token inputs; drop --quantize for --objective "
+                         f"{objective.name}")
     if data is None and objective.name != "classification":
         raise UsageError(f"--objective {objective.name} needs --data: {objective.data_wanted}")
     identity = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
@@ -159,9 +162,9 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         data, opts.eval_data = demo_path(DEMO_TRAIN), opts.eval_data or demo_path(DEMO_TEST)
         say(f"vtrans: no data given: using the bundled Rotten Tomatoes demo ({DEMO_TRAIN}, {DEMO_TEST})")
     config = load_config(model_name)
-    latency_tokens = objective.latency_tokens(config, opts)
+    tokens, latency_tokens = objective.tokens(config, opts), objective.latency_tokens(config, opts)  # both checked
     # a latency budget is timed at the latency batch and length, so its costs are counted at that length
-    budget = replace(budget, seq_len=latency_tokens if budget.kind == "latency" else objective.tokens(config, opts))
+    budget = replace(budget, seq_len=latency_tokens if budget.kind == "latency" else tokens)
     keep_hidden = not (METHODS[method].prunes_hidden and objective.prunes_hidden)
     hint = hidden_width_hint(method, objective)
     if budget.kind != "latency":  # a latency budget is checked once this machine's latency model is measured

@@ -5,6 +5,7 @@ Loops stay explicit in the methods; this file holds only what more than one of t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -49,12 +50,12 @@ class TeacherOutputs:
 
     def __init__(self, teacher, objective: Objective, max_bytes: int = 1 << 30):
         self.teacher, self.objective, self.max_bytes, self.stored_bytes = teacher, objective, max_bytes, 0
-        self.memory: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.memory: dict[bytes, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self.forwards = 0  # teacher forward passes run (for tests and curiosity)
 
     @staticmethod
-    def _keys(batch: dict) -> list[tuple]:
-        """Each example's inputs as bytes: its real tokens (ids, token types), or its pixels."""
+    def _keys(batch: dict) -> list[bytes]:
+        """Each example's inputs, hashed: its real tokens (ids, token types), or its pixels."""
         real = batch.get("attention_mask")
         keys = []
         for b in range(example_count(batch)):
@@ -66,7 +67,7 @@ class TeacherOutputs:
                 if real is not None and value.shape[:2] == real.shape:  # per token: the real ones only
                     row = row[real[b].bool()]
                 parts.append(row.numpy().tobytes())
-            keys.append(tuple(parts))
+            keys.append(hashlib.sha256(b"|".join(parts)).digest())  # an image's pixels would make a big key
         return keys
 
     @torch.no_grad()

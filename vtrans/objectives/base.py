@@ -20,6 +20,7 @@ class Objective:
     higher_is_better: bool = True
     prunes_hidden: bool = True  # False: the output width is part of the product (embeddings stay comparable)
     distill_layers: str = "all"  # hidden states distilled by default (training.DISTILL_LAYERS)
+    exports_onnx: bool = True  # `vtrans export` / --quantize can trace it (token inputs)
 
     def auto_class(self):
         """The transformers Auto class whose head this objective trains."""

@@ -16,6 +16,7 @@ from vtrans.objectives.classification import Classification
 class ImageClassification(Classification):
     name = "image"
     examples = "images"
+    exports_onnx = False  # the ONNX export traces token inputs
     data_wanted = "a directory of class subfolders of images (DIR/<label>/<image>), or a datasets name"
 
     def auto_class(self):
