@@ -189,7 +189,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     teacher.model.requires_grad_(False)
     eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64)
 
-    latency_inputs = objective.random_inputs(teacher.model.config, opts.latency_batch, latency_tokens)
+    latency_inputs = objective.random_inputs(teacher.model.config, opts)
     if budget.kind == "latency":
         budget = replace(budget, latency=fit_latency(
             teacher.model,

@@ -57,11 +57,12 @@ class Objective:
         """Tokens per example of the random batch latency is timed on: --latency-seq-len for text."""
         return options.latency_seq_len
 
-    def random_inputs(self, config, batch_size: int, tokens: int) -> dict[str, torch.Tensor]:
-        """A fixed random batch of model inputs, for timing: token ids, all real."""
+    def random_inputs(self, config, options) -> dict[str, torch.Tensor]:
+        """A fixed random batch of model inputs, for timing (--latency-batch examples of `latency_tokens`):
+        token ids, all real."""
         from vtrans.latency import random_batch
 
-        return random_batch(batch_size, tokens, config.vocab_size)
+        return random_batch(options.latency_batch, self.latency_tokens(config, options), config.vocab_size)
 
     def read(self, spec: str, split: str = "train"):
         """The raw data of DATA (a file or a `datasets` name)."""

@@ -52,10 +52,11 @@ class ImageClassification(Classification):
     def latency_tokens(self, config, options):
         return self.tokens(config, options)  # an image has one size
 
-    def random_inputs(self, config, batch_size, tokens):
-        side = round((tokens - 1) ** 0.5) * config.patch_size  # the image size `tokens` came from
+    def random_inputs(self, config, options):
+        side = self.image_size(config, options)
         generator = torch.Generator().manual_seed(0)
-        return {"pixel_values": torch.randn(batch_size, config.num_channels, side, side, generator=generator)}
+        shape = (options.latency_batch, config.num_channels, side, side)
+        return {"pixel_values": torch.randn(shape, generator=generator)}
 
     def read(self, spec, split="train"):
         return load_images(spec, split)
