@@ -3,7 +3,7 @@ import pytest
 from conftest import tiny_model, write_tiny_checkpoint
 
 from vtrans.cli import main
-from vtrans.plan import plan
+from vtrans.plan import Lean, plan
 
 
 def test_plan_counts_the_real_parameters_and_orders_methods_by_what_they_hold(tmp_path):
@@ -16,6 +16,23 @@ def test_plan_counts_the_real_parameters_and_orders_methods_by_what_they_hold(tm
     assert peak["vtrans"] > peak["faster-vtrans"] > peak["magnitude"]  # weights train > masks train > neither
     longer = plan(str(ckpt), "params=0.5", ["vtrans"], objective="lm", batch=4, seq_len=32)["peak_gb"]["vtrans"]
     assert longer > peak["vtrans"]
+
+
+def test_plan_counts_what_the_lean_options_save(tmp_path):
+    """bfloat16 halves the frozen weights only; checkpointing cuts activations only where weights train; N
+    processes each hold a share of the batch."""
+    ckpt = write_tiny_checkpoint(tmp_path / "model", "gpt2-lm")
+    params = sum(p.numel() for p in tiny_model("gpt2-lm").parameters())
+
+    def peak(method, **lean):
+        return plan(str(ckpt), "params=0.5", [method], objective="lm", batch=8, seq_len=16,
+                    lean=Lean(**lean))["peak_gb"][method] * 2**30
+
+    assert peak("faster-vtrans") - peak("faster-vtrans", frozen_bytes=2) == pytest.approx(2 * 2 * params)
+    assert peak("vtrans") - peak("vtrans", frozen_bytes=2) == pytest.approx(2 * params)  # its student trains
+    assert peak("vtrans", gradient_checkpointing=True) < peak("vtrans")
+    assert peak("faster-vtrans", gradient_checkpointing=True) == peak("faster-vtrans")
+    assert peak("vtrans", processes=2) < peak("vtrans")
 
 
 def test_plan_refuses_unknown_methods_and_unreachable_targets(tmp_path, capsys):

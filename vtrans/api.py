@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from accelerate import init_empty_weights
 
+from vtrans import distributed
 from vtrans.arch import Kept, adapter_for
 from vtrans.budget import TOLERANCE, check_reachable, dense_cost, exact_cost, parse_target
 from vtrans.checkpoint import Checkpoint
@@ -63,6 +64,11 @@ class Options:
     quantize: str | None = None  # "int8": also an ONNX int8 copy (DIR/onnx/), judged in the report
     resume: bool = False  # continue an interrupted run from its checkpoint
     checkpoint_every: int = 50  # steps between checkpoints (0: none)
+    device: str = "auto"  # "cpu", "cuda" or "auto" (this rank's GPU where there is one); see distributed.py
+    # of the frozen models (the teacher; the student while its weights do not train); "float32" or "bfloat16"
+    dtype: str = "float32"
+    # recompute each layer's activations in the backward pass instead of keeping them, while weights train
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -81,6 +87,7 @@ def validate_options(opts: Options) -> None:
         ("--holdout", opts.holdout, 0 < opts.holdout < 1, "between 0 and 1"),
         ("--data-fraction", opts.data_fraction, 0 < opts.data_fraction <= 1, "in (0, 1]"),
         ("--teacher-epochs", opts.teacher_epochs, opts.teacher_epochs > 0, "greater than 0"),
+        ("--teacher-lr", opts.teacher_lr, opts.teacher_lr > 0, "greater than 0"),
         ("--prune-epochs", opts.prune_epochs, opts.prune_epochs is None or opts.prune_epochs > 0, "greater than 0"),
         ("--recover-epochs", opts.recover_epochs, opts.recover_epochs is None or opts.recover_epochs >= 0,
          "0 or more"),
@@ -94,6 +101,7 @@ def validate_options(opts: Options) -> None:
          f"one of {', '.join(DISTILL_LAYERS)}"),
         ("--checkpoint-every", opts.checkpoint_every, opts.checkpoint_every >= 0, "0 or more"),
         ("--round-to", opts.round_to, isinstance(opts.round_to, int) and opts.round_to >= 1, "an integer, at least 1"),
+        ("--dtype", opts.dtype, opts.dtype in distributed.DTYPES, f"one of {', '.join(distributed.DTYPES)}"),
     ]
     for flag, value, ok, wanted in checks:
         if not ok:
@@ -108,6 +116,10 @@ def mask_settings(opts: Options, objective: Objective) -> VTransSettings:
     return VTransSettings(mask_init=opts.mask_init, mask_lr=opts.mask_lr, ramp=opts.ramp, settle=opts.settle,
                           kl_weight=opts.kl_weight, temperature=opts.mask_temperature,
                           distill=DistillWeights(layers=layers))
+
+
+def _silent(*_) -> None:
+    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -134,6 +146,14 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     validate_options(opts)
     if opts.quantize is not None:
         check_available(opts.quantize)
+    device = distributed.resolve_device(opts.device)
+    if opts.quantize is not None and (device.type != "cpu" or opts.dtype != "float32"):
+        raise UsageError(f"--quantize exports and times the int8 model on the CPU, from float32: drop it here and run "
+                         f"`vtrans export DIR --quantize {opts.quantize}` after this run")
+    opts.device = str(device)  # what the teacher's fine-tuning runs on
+    distributed.start(device)
+    if not distributed.is_main():  # data-parallel ranks run the same steps: rank 0 speaks and writes
+        say = _silent
     budget = replace(parse_target(target, opts.max_length), multiple=opts.round_to)
     out = Path(out)
     check_output_dir(out, opts.overwrite)
@@ -185,25 +205,42 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
 
     seed_everything(opts.seed)
     teacher = objective.load_teacher(model_name, train, evaluation, opts, say=say)
-    teacher_adapter = adapter_for(teacher.model)
     teacher.model.requires_grad_(False)
-    eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64)
+    # the student starts as a float32 copy; it stays in --dtype only while its weights do not train
+    trains_weights = METHODS[method].trains or bool(opts.recover_epochs)
+    dtype = distributed.DTYPES[opts.dtype]
+    student = copy.deepcopy(teacher.model).to(device, torch.float32 if trains_weights else dtype)
+    if opts.gradient_checkpointing:
+        if not student.supports_gradient_checkpointing:
+            raise UsageError(f"--gradient-checkpointing: {type(student).__name__} does not support it; drop the "
+                             "option")
+        # transformers recomputes only in training mode, i.e. while the weights train (not faster-vtrans);
+        # a decoder's key/value cache is off meanwhile (nothing generates here), then as it was
+        student.activation_checkpointing_enable()
+        use_cache = getattr(student.config, "use_cache", None)
+        student.config.use_cache = False
+    teacher.model.to(device, dtype)
+    teacher_adapter = adapter_for(teacher.model)
+    eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64, device=device)
 
-    latency_inputs = objective.random_inputs(teacher.model.config, opts)
+    latency_inputs = {name: value.to(device) for name, value in objective.random_inputs(teacher.model.config,
+                                                                                         opts).items()}
     if budget.kind == "latency":
-        budget = replace(budget, latency=fit_latency(
-            teacher.model,
-            latency_inputs,
-            latency_tokens,
-            cache=cache_root(),
-            keep_hidden=keep_hidden,
-        ))
+        with distributed.main_first():  # rank 0 times this machine; the others read its cached fit
+            latency_model = fit_latency(
+                teacher.model,
+                latency_inputs,
+                latency_tokens,
+                cache=cache_root(),
+                keep_hidden=keep_hidden,
+            )
+        budget = replace(budget, latency=latency_model)
         check_reachable(teacher_adapter, budget, keep_hidden, hint)
-    dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
     dense = dense_cost(teacher_adapter, budget.seq_len)
+    if distributed.is_main():
+        dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
 
     seed_everything(opts.seed)
-    student = copy.deepcopy(teacher.model)
     job = Job(
         method=method,
         model=student,
@@ -220,10 +257,16 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         resume=opts.resume,
         vtrans=mask_settings(opts, objective),
         objective=objective,
+        device=device,
     )
     started = time.perf_counter()
     outcome = run(job)
     compression_seconds = time.perf_counter() - started  # the method's wall time, teacher excluded
+    if opts.gradient_checkpointing:
+        outcome.model.activation_checkpointing_disable()
+        outcome.model.config.use_cache = use_cache
+    if not distributed.is_main():  # every rank holds the same model; rank 0 evaluates, times and writes it
+        return Result(model=outcome.model.eval(), report={}, out=out)
 
     compressed = outcome.model.eval()
     compressed_cost = exact_cost(teacher_adapter, outcome.kept, budget.seq_len)

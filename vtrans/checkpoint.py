@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from vtrans import distributed
 from vtrans.errors import UsageError
 
 
@@ -45,12 +46,16 @@ class Checkpoint:
         return state
 
     def save(self, state: dict) -> None:
+        if not distributed.is_main():  # data-parallel ranks hold the same state: one writes it
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         torch.save(state | {"run": self.run}, tmp)
         os.replace(tmp, self.path)
 
     def clear(self) -> None:
+        if not distributed.is_main():
+            return
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from vtrans import distributed
 from vtrans.api import MASK_OPTIONS, Options, compress
 from vtrans.deploy.onnx import QUANTIZE
+from vtrans.distributed import DEVICES, DTYPES
 from vtrans.errors import UsageError
 from vtrans.methods import METHODS
 from vtrans.methods.vtrans import MASK_INITS
@@ -46,6 +48,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                         help="share of --data held out when no --eval-data is given")
     parser.add_argument("--teacher-epochs", type=float, default=DEFAULTS.teacher_epochs,
                         help="fine-tuning epochs when MODEL has no trained head for the labels")
+    parser.add_argument("--teacher-lr", type=float, default=DEFAULTS.teacher_lr,
+                        help=f"learning rate of that fine-tuning (default: {DEFAULTS.teacher_lr:g})")
     parser.add_argument("--prune-epochs", type=float, default=DEFAULTS.prune_epochs,
                         help="epochs of mask training (default: 1; 10 over the sample for fast/faster-vtrans)")
     parser.add_argument("--recover-epochs", type=float, default=DEFAULTS.recover_epochs,
@@ -59,6 +63,17 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZE,
                         help="also write DIR/onnx/: the compressed model in ONNX and its dynamic int8 copy, whose "
                              "metric, size and latency the report gives (needs vtrans[onnx])")
+    parser.add_argument("--device", default=DEFAULTS.device, choices=DEVICES,
+                        help="where models and batches run: auto (a GPU where PyTorch sees one, else the CPU), cpu "
+                             "or cuda; under torchrun each process takes its LOCAL_RANK's GPU (default: auto)")
+    parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=list(DTYPES),
+                        help="of the frozen models: the teacher, and the student while its weights do not train "
+                             "(faster-vtrans, optin, fisher, magnitude, random without recovery); bfloat16 halves "
+                             "their memory (default: float32)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="while the student's weights train (vtrans, fast-vtrans, recovery), recompute each "
+                             "layer's activations in the backward pass instead of keeping them: less memory, "
+                             "about a third more time")
     masks = parser.add_argument_group("mask training (vtrans, fast-vtrans, faster-vtrans)")
     masks.add_argument("--mask-init", default=DEFAULTS.mask_init, choices=MASK_INITS,
                        help="fisher: start each unit's log_alpha by its Fisher information per cost (a one-shot "
@@ -78,8 +93,12 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                        help="hidden states distilled from the teacher (default: all; none for --objective lm)")
 
 
-RUN_OPTIONS = ("objective", "eval_data", "max_length", "image_size", "batch_size", "seed", "holdout", "teacher_epochs",
-               "prune_epochs", "recover_epochs", "data_fraction", "round_to", "quantize", *MASK_OPTIONS)
+RUN_OPTIONS = (
+    "objective", "eval_data", "max_length", "image_size", "batch_size", "seed", "holdout", "teacher_epochs",
+    "teacher_lr", "prune_epochs", "recover_epochs", "data_fraction", "round_to", "quantize", "device", "dtype",
+    "gradient_checkpointing",
+    *MASK_OPTIONS,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--objective", default=DEFAULTS.objective, choices=list(OBJECTIVES))
     n.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     n.add_argument("--max-length", type=int, default=DEFAULTS.max_length)
+    n.add_argument("--dtype", default=DEFAULTS.dtype, choices=list(DTYPES), help="of the frozen weights, as compress")
+    n.add_argument("--gradient-checkpointing", action="store_true", help="as compress")
+    n.add_argument("--processes", type=int, default=1, help="data-parallel processes sharing the batch (torchrun)")
     n.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return parser
 
@@ -196,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             result = compress(args.model, args.data, target=args.target, method=args.method, out=args.out,
                               overwrite=args.overwrite, resume=args.resume, checkpoint_every=args.checkpoint_every,
                               **options)
-            print(summary(result.report, result.out))
+            if distributed.is_main():
+                print(summary(result.report, result.out))
+            distributed.stop()
         elif args.command == "bench":
             from vtrans.bench import bench, markdown
 
@@ -230,17 +254,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
         elif args.command == "plan":
-            from vtrans.plan import markdown, plan
+            from vtrans.plan import Lean, markdown, plan
             from vtrans.teacher import default_model_path
 
             methods = split_list(args.methods)
             unknown = [m for m in methods if m not in METHODS]
             if unknown or not methods:
                 raise UsageError(f"--methods {','.join(unknown) or args.methods}: choose from {', '.join(METHODS)}")
-            if args.batch_size < 1 or args.max_length < 2:
-                raise UsageError("--batch-size must be at least 1 and --max-length at least 2")
+            if args.batch_size < 1 or args.max_length < 2 or args.processes < 1:
+                raise UsageError("--batch-size and --processes must be at least 1 and --max-length at least 2")
+            lean = Lean(frozen_bytes=DTYPES[args.dtype].itemsize, gradient_checkpointing=args.gradient_checkpointing,
+                        processes=args.processes)
             print(markdown(plan(args.model or default_model_path(), args.target, methods, args.objective,
-                                args.batch_size, args.max_length)))
+                                args.batch_size, args.max_length, lean)))
         elif args.command == "report":
             from vtrans.report import write_html
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from vtrans import distributed
 from vtrans.errors import UsageError
 
 DEMO_TRAIN = "rotten_tomatoes_train.csv.gz"
@@ -159,7 +160,9 @@ def token_mask(batch: dict, shape: tuple[int, int]) -> torch.Tensor:
     """(B, S) 1 on the real tokens of hidden states of `shape` (B, S): the batch's attention mask, or all ones
     where inputs are never padded (an image's patches)."""
     mask = batch.get("attention_mask")
-    return mask if mask is not None else torch.ones(tuple(shape), dtype=torch.long)
+    if mask is not None:
+        return mask
+    return torch.ones(tuple(shape), dtype=torch.long, device=next(iter(batch.values())).device)
 
 
 class Examples(torch.utils.data.Dataset):
@@ -171,12 +174,43 @@ class Examples(torch.utils.data.Dataset):
     def collate(self, items) -> dict:
         raise NotImplementedError
 
-    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0, indices: list[int] | None = None):
-        """Batches of all examples, or of the examples at `indices`."""
+    def loader(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        indices: list[int] | None = None,
+        shard: bool = False,
+        device: torch.device | None = None,
+    ):
+        """Batches of all examples, or of the examples at `indices`, on `device`. With `shard`, each
+        data-parallel rank gets its rows of every batch (`batch_size` is the global batch; see distributed.py)."""
         data = self if indices is None else torch.utils.data.Subset(self, indices)
         generator = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle,
-                                           collate_fn=self.collate, generator=generator)
+        return torch.utils.data.DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=Placed(self.collate, shard, device),
+            generator=generator,
+        )
+
+
+@dataclass
+class Placed:
+    """A collate function whose batches are cut to this rank's rows (`shard`) and moved to `device`."""
+
+    collate: object
+    shard: bool = False
+    device: torch.device | None = None
+
+    def __call__(self, items) -> dict:
+        batch = self.collate(items)
+        if self.shard:
+            batch = distributed.shard(batch)
+        if self.device is not None:
+            batch = {name: value.to(self.device) for name, value in batch.items()}
+        return batch
 
 
 class Encoded(Examples):

@@ -87,8 +87,15 @@ def measure(runners: dict[str, Runner], inputs: dict[str, torch.Tensor], repeats
         for name, run in runners.items():
             start = time.perf_counter()
             run(inputs)
+            _finish(inputs)
             times[name].append(1000 * (time.perf_counter() - start))
     return times
+
+
+def _finish(inputs: dict[str, torch.Tensor]) -> None:
+    """Wait for the GPU's queued work (a CUDA call returns before its kernels finish)."""
+    if any(value.is_cuda for value in inputs.values()):
+        torch.cuda.synchronize()
 
 
 def load_runner(spec: str, new_tokens: int = 0) -> tuple[Runner, int]:

@@ -1,16 +1,20 @@
 """`vtrans plan`: what a run needs, from the model's config alone (no weights are read).
 
 Parameters and FLOPs come from the family adapter on an empty-weights skeleton, exactly as a run counts them.
-Peak memory is an estimate, in float32, of the largest things a run holds at once:
+Peak memory is an estimate, per process, of the largest things a run holds at once:
 
     runtime      Python, torch and transformers (measured: about 0.3 GB)
-    weights      the dense teacher and the student: 2 x 4 P bytes (P parameters)
+    weights      the dense teacher and the student: 2 x 4 P bytes (P parameters) in float32; with
+                 --dtype bfloat16 the frozen ones take 2 P (the teacher, and the student unless its weights train)
     training     gradients and Adam's two moments of the student when weights train (vtrans, fast-vtrans, and
                  any recovery): 3 x 4 P
     activations  what backpropagation keeps, per layer and token: the residual stream and its norms, query, key,
                  value, context and output (about 18 h floats), the MLP's input and output of width f (3 f),
                  attention scores and probabilities (2 x query heads x S): L x B x S x (18 h + 3 f + 2 n S) x 4
-                 bytes; forward-only methods (magnitude, random, the evaluation) keep one layer's worth
+                 bytes, B being the process's share of the batch (data parallel: batch / processes);
+                 forward-only methods (magnitude, random, the evaluation) keep one layer's worth; with gradient
+                 checkpointing, while weights train, each layer keeps only its input (h) and one layer is
+                 recomputed at a time
     head         logits of student and teacher, their log-softmax and gradient: 4 x tokens x outputs x 4 bytes,
                  where a language model's head reads all B x S tokens and a classifier's one per sequence
     OPTIN        forward only, but on its calibration sequences times the units it ablates per forward (8 x 32):
@@ -49,22 +53,34 @@ class Estimate:
         return RUNTIME_BYTES + self.weights + self.training + self.activations + self.head
 
 
+@dataclass(frozen=True)
+class Lean:
+    """The memory options of a run (see `compress --help`)."""
+
+    frozen_bytes: int = FLOAT  # bytes per frozen weight: 4 (float32) or 2 (bfloat16)
+    gradient_checkpointing: bool = False
+    processes: int = 1  # data-parallel processes sharing the batch
+
+
 def estimate(method: str, params: float, dims, outputs: int, head_all_tokens: bool, batch: int,
-             seq_len: int) -> Estimate:
+             seq_len: int, lean: Lean = Lean()) -> Estimate:
     trains = METHODS[method].trains
     backprop = method not in ("magnitude", "random", "optin")  # masks (or weights) get gradients
-    if method == "optin":
-        batch = OPTIN_BATCH
+    batch = OPTIN_BATCH if method == "optin" else -(-batch // lean.processes)  # OPTIN scores on every process
     per_token = 18 * dims.hidden + 3 * dims.ffn + 2 * dims.heads * dims.query_group * seq_len
-    layers = dims.layers if backprop else 1
-    activations = layers * batch * seq_len * per_token * FLOAT
+    if backprop and trains and lean.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
+        activations = (dims.layers * dims.hidden + per_token) * batch * seq_len * FLOAT
+    else:
+        activations = (dims.layers if backprop else 1) * batch * seq_len * per_token * FLOAT
     head_tokens = batch * seq_len if head_all_tokens else batch
-    return Estimate(method=method, weights=2 * FLOAT * params, training=3 * FLOAT * params if trains else 0.0,
-                    activations=activations, head=4 * head_tokens * outputs * FLOAT)
+    student_bytes = FLOAT if trains else lean.frozen_bytes
+    return Estimate(method=method, weights=(lean.frozen_bytes + student_bytes) * params,
+                    training=3 * FLOAT * params if trains else 0.0, activations=activations,
+                    head=4 * head_tokens * outputs * FLOAT)
 
 
 def plan(model: str, target: str, methods: list[str], objective: str = "classification", batch: int = 32,
-         seq_len: int = 128) -> dict:
+         seq_len: int = 128, lean: Lean = Lean()) -> dict:
     """Parameters, FLOPs (dense and at the target) and each method's estimated peak memory."""
     config = load_config(model)
     auto_class = objective_for(objective).auto_class()
@@ -88,7 +104,8 @@ def plan(model: str, target: str, methods: list[str], objective: str = "classifi
         "seq_len": seq_len,
         "dense": {"params": dense["params"], "flops": dense["flops"]},
         "budget": {"kind": budget.kind, "fraction": fraction, "value": fraction * dense[budget.kind]},
-        "peak_gb": {m: estimate(m, dense["params"], dims, outputs, head_all_tokens, batch, seq_len).peak / 2**30
+        "lean": vars(lean),
+        "peak_gb": {m: estimate(m, dense["params"], dims, outputs, head_all_tokens, batch, seq_len, lean).peak / 2**30
                     for m in methods},
     }
 
@@ -99,9 +116,19 @@ def markdown(result: dict) -> str:
              f"{result['seq_len']}-token sequence",
              f"target {result['target']}: {budget['kind']} at most {budget['value']:,.0f} "
              f"({budget['fraction']:.3f} of dense)", "",
-             f"| method | estimated peak memory, batch {result['batch']} x {result['seq_len']} (GB, float32) |",
+             f"| method | estimated peak memory per process, batch {result['batch']} x {result['seq_len']} "
+             f"({_lean_label(result['lean'])}), GB |",
              "|---|---|"]
     lines += [f"| {method} | {gb:.1f} |" for method, gb in result["peak_gb"].items()]
     lines += ["", "An estimate from the config alone (vtrans/plan.py says what it counts); a run's measured peak is "
               "in its report.json."]
     return "\n".join(lines)
+
+
+def _lean_label(lean: dict) -> str:
+    parts = ["frozen weights in bfloat16" if lean["frozen_bytes"] == 2 else "float32"]
+    if lean["gradient_checkpointing"]:
+        parts.append("gradient checkpointing")
+    if lean["processes"] > 1:
+        parts.append(f"{lean['processes']} processes")
+    return ", ".join(parts)

@@ -52,6 +52,8 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
         "seed": seed,
         # the process's peak resident memory (teacher, student and data included), from the OS
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # on a GPU, the most its tensors took at once (allocator slack excluded)
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None,
     } | _latency_model(budget, dense_cost, compressed_cost) | _quantized(quantized, latency)
 
 

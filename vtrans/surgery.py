@@ -47,7 +47,8 @@ def cut_model(adapter: Adapter, kept: Kept, scale: dict[str, torch.Tensor] | Non
     Folding the 0/1 keep values too matters: a dropped block's output bias must become zero.
     """
     z, _ = masked_values(kept, adapter.dims(), scale)
-    adapter.fold({name: v.squeeze(0) for name, v in z.items()})
+    device = next(adapter.model.parameters()).device  # mask values are on the CPU
+    adapter.fold({name: v.squeeze(0).to(device) for name, v in z.items()})
     adapter.cut(kept)
     adapter.model.config.vtrans = {"family": adapter.family, "parts": adapter.parts_record(), "kept": kept.sizes()}
 

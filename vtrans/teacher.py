@@ -14,6 +14,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
+from vtrans import distributed
 from vtrans.arch import adapter_class_for
 from vtrans.data import label_ids
 from vtrans.deploy import remote_code
@@ -146,8 +147,16 @@ def load_teacher(name: str, objective, train, evaluation, options, say=print) ->
             )
         torch.manual_seed(options.seed)
         examples = objective.encode(train, Teacher(model, processor, label_map, None), options.max_length)
-        finetune(model, examples.loader(options.batch_size, shuffle=True, seed=options.seed), options.teacher_epochs,
-                 options.teacher_lr)
-        save(model, processor, cached, overwrite=True)
+        loader = examples.loader(
+            options.batch_size,
+            shuffle=True,
+            seed=options.seed,
+            shard=True,
+            device=options.device,
+        )
+        finetune(model.to(options.device), loader, options.teacher_epochs, options.teacher_lr)
+        if distributed.is_main():  # data-parallel ranks fine-tuned the same model together: one writes it
+            save(model, processor, cached, overwrite=True)
+        distributed.barrier()
     model = auto_class.from_pretrained(cached, dtype=torch.float32)
     return Teacher(model.eval(), processor, label_map, str(cached))

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from vtrans import distributed
 from vtrans.checkpoint import Checkpoint, capture, restore
 from vtrans.data import example_count, token_mask
 from vtrans.objectives import Objective
@@ -66,7 +67,7 @@ class TeacherOutputs:
                 row = value[b]
                 if real is not None and value.shape[:2] == real.shape:  # per token: the real ones only
                     row = row[real[b].bool()]
-                parts.append(row.numpy().tobytes())
+                parts.append(row.cpu().numpy().tobytes())
             keys.append(hashlib.sha256(b"|".join(parts)).digest())  # an image's pixels would make a big key
         return keys
 
@@ -156,8 +157,8 @@ def distill_loss(
     hidden = torch.zeros(())
     for s, h in pairs:
         if hidden_index is not None:
-            h = h[..., hidden_index]
-        weight = tokens * (hidden_keep if hidden_keep is not None else 1.0)
+            h = h[..., hidden_index.to(h.device)]
+        weight = tokens * (hidden_keep.to(tokens.device) if hidden_keep is not None else 1.0)
         hidden = hidden + ((s - h).square() * weight).sum() / weight.expand_as(s).sum().clamp(min=1)
     hidden = hidden / max(1, len(pairs))
     total = weights.task * task + weights.logits * logits + weights.hidden * hidden
@@ -181,6 +182,7 @@ def train_steps(model, loader, steps: int, lr: float, loss_of, desc: str, log: l
     for step, batch in batches(loader, steps, desc, start):
         losses = loss_of(batch)
         losses["loss"].backward()
+        distributed.average_gradients(model.parameters())
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

@@ -223,6 +223,7 @@ def norm_eps(norm: nn.Module) -> float:
 def masked_norm(norm: nn.Module, rms: bool, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The norm's output with its statistics taken over the kept dims only (keep is 0/1 over the last axis):
     what the cut model's smaller norm computes on those dims."""
+    keep = keep.to(x.device)
     count = keep.sum().clamp(min=1)
     dtype, x = x.dtype, x.float()
     if rms:  # x / sqrt(mean(x^2) + eps) * weight
@@ -419,7 +420,7 @@ class Adapter:
                     z = z[:, None]
                 while z.dim() < x.dim():
                     z = z.unsqueeze(1)
-                return x * z.to(x.dtype)
+                return x * z.to(x.device, x.dtype)  # mask values live on the CPU; activations may not
             return apply
 
         def on_output(fn):

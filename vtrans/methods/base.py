@@ -46,11 +46,20 @@ class Job:
     vtrans: VTransSettings | None = None  # mask training settings (None: the defaults)
     objective: Objective = field(default_factory=Classification)  # the task's losses
     prunes_hidden: bool = True  # the hidden width competes for the budget (`run` sets it: method and objective)
+    device: torch.device = torch.device("cpu")  # where the models and batches are (the masks stay on the CPU)
 
     def loader(self, fraction: float = 1.0):
-        """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it."""
+        """Shuffled batches of the training data, or of a label-stratified sample of `fraction` of it: this
+        rank's rows of each (global) batch, on the job's device."""
         indices = stratified_indices(self.train.strata, fraction, self.seed) if fraction < 1 else None
-        return self.train.loader(self.batch_size, shuffle=True, seed=self.seed, indices=indices)
+        return self.train.loader(
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            indices=indices,
+            shard=True,
+            device=self.device,
+        )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from vtrans import distributed
 from vtrans.arch import Kept, MaskValues, detach_masks
 from vtrans.arch.base import weight_out_in
 from vtrans.budget import Selection, select_kept
@@ -118,6 +119,8 @@ def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int
         detach_masks(handles)
         values.set(None)
         model.train(was_training)
+    for group in groups:  # each rank scored its rows of the batches
+        distributed.sum_(fisher[group])
     return fisher
 
 
@@ -182,7 +185,7 @@ def _normal_equations(job, loader, values, scale, reader, teacher_reader, units,
     weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).double()  # (H, n*w)
     weight_gram = weight.T @ weight  # (n*w, n*w): W_u^T W_v blocks
     bias = reader.bias if reader.bias is not None else 0
-    inputs_gram, rhs, energy = torch.zeros_like(weight_gram), torch.zeros(n * width, dtype=torch.float64), 0.0
+    inputs_gram, rhs, energy = torch.zeros_like(weight_gram), weight_gram.new_zeros(n * width), 0.0
     try:
         for batch in loader:
             batch.pop("labels", None)
@@ -202,7 +205,9 @@ def _normal_equations(job, loader, values, scale, reader, teacher_reader, units,
             hook.remove()
     # C_u(t) = W_u x_tu, so C^T C = sum over each unit pair's (w x w) block of (X^T X) * (W^T W)
     gram = (inputs_gram * weight_gram).view(n, width, n, width).sum((1, 3))
-    return gram, rhs.view(n, width).sum(1), energy
+    sums = distributed.sum_(torch.cat([gram.flatten(), rhs.view(n, width).sum(1), rhs.new_tensor([energy])]))
+    sums = sums.cpu()  # each rank summed over its rows of the batches
+    return sums[:n * n].view(n, n), sums[n * n:-1], float(sums[-1])
 
 
 def choose_fisher(job: Job, *_, settings: FisherSettings | None = None) -> Choice:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
+from vtrans import distributed
 from vtrans.arch import MaskValues, detach_masks
 from vtrans.data import example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
@@ -63,6 +64,7 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     indices = stratified_indices(job.train.strata, fraction, job.seed)
     batch = job.train.collate([job.train[i] for i in indices])
     batch.pop("labels", None)
+    batch = {name: value.to(job.device) for name, value in batch.items()}
     b = example_count(batch)
 
     captured = {}  # each layer's call: (args, kwargs) of the dense forward
@@ -86,40 +88,44 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     handles = adapter.attach_masks(values)
     ones = {name: torch.ones(1, *shape) for name, shape in dims.mask_shapes().items()}
     scores = {"heads": torch.zeros(dims.layers, dims.heads), "ffn": torch.zeros(dims.layers, dims.ffn)}
-    total = dims.layers * sum(-(-n // settings.units_per_forward) for n in (dims.heads, dims.ffn))
-    progress = tqdm(total=total, desc=f"{job.method}: scoring units", dynamic_ncols=True)
+    # the chunks of units scored in one forward, split round-robin over data-parallel ranks
+    chunks = [(i, group, list(range(start, min(start + settings.units_per_forward, count))))
+              for i in range(dims.layers)
+              for group, count in (("heads", dims.heads), ("ffn", dims.ffn))
+              for start in range(0, count, settings.units_per_forward)]
+    chunks = [chunk for index, chunk in enumerate(chunks) if distributed.mine(index)]
+    progress = tqdm(total=len(chunks), desc=f"{job.method}: scoring units", dynamic_ncols=True)
     try:
-        for i in range(dims.layers):
+        for i, group, units in chunks:
             args, kwargs = captured[i]
-            for group, count in (("heads", dims.heads), ("ffn", dims.ffn)):
-                for start in range(0, count, settings.units_per_forward):
-                    units = list(range(start, min(start + settings.units_per_forward, count)))
-                    copies = len(units)
-                    z = {name: v.expand(copies * b, *v.shape[1:]).clone() for name, v in ones.items()}
-                    for c, unit in enumerate(units):
-                        z[group][c * b:(c + 1) * b, i, unit] = 0
-                    values.set(z, ones["hidden"][0])
-                    hidden = _repeat(args[0], copies, b)
-                    rest = [_repeat(a, copies, b) for a in args[1:]]
-                    named = {k: _repeat(v, copies, b) for k, v in kwargs.items()}
-                    distance = torch.zeros(copies * b)
-                    for j in range(i, dims.layers):
-                        hidden = layers[j](hidden, *rest, **named)
-                        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-                        gram = _token_gram(hidden, tokens.repeat(copies, 1, 1))
-                        diff = (gram - reference_grams[j].repeat(copies, 1, 1)).square().sum((1, 2))
-                        distance += diff / pairs.repeat(copies)
-                    mask = _repeat(real, copies, b)
-                    outputs = job.objective.head_outputs(adapter, hidden, mask)
-                    divergence = job.objective.divergence(outputs, _repeat(reference_outputs, copies, b), mask,
-                                                          settings.temperature)
-                    distance += settings.logit_weight * divergence.clamp(min=0)  # rounding can dip below 0
-                    scores[group][i, units] = distance.view(copies, b).mean(1)
-                    progress.update()
+            copies = len(units)
+            z = {name: v.expand(copies * b, *v.shape[1:]).clone() for name, v in ones.items()}
+            for c, unit in enumerate(units):
+                z[group][c * b:(c + 1) * b, i, unit] = 0
+            values.set(z, ones["hidden"][0])
+            hidden = _repeat(args[0], copies, b)
+            rest = [_repeat(a, copies, b) for a in args[1:]]
+            named = {k: _repeat(v, copies, b) for k, v in kwargs.items()}
+            distance = torch.zeros(copies * b, device=hidden.device)
+            for j in range(i, dims.layers):
+                hidden = layers[j](hidden, *rest, **named)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                gram = _token_gram(hidden, tokens.repeat(copies, 1, 1))
+                diff = (gram - reference_grams[j].repeat(copies, 1, 1)).square().sum((1, 2))
+                distance += diff / pairs.repeat(copies)
+            mask = _repeat(real, copies, b)
+            outputs = job.objective.head_outputs(adapter, hidden, mask)
+            divergence = job.objective.divergence(outputs, _repeat(reference_outputs, copies, b), mask,
+                                                  settings.temperature)
+            distance += settings.logit_weight * divergence.clamp(min=0)  # rounding can dip below 0
+            scores[group][i, units] = distance.view(copies, b).mean(1).float().cpu()
+            progress.update()
     finally:
         progress.close()
         detach_masks(handles)
         values.set(None)
+    for group_scores in scores.values():  # each rank scored its own chunks; the others' are 0 here
+        distributed.sum_(group_scores)
     return scores
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vtrans import distributed
 from vtrans.arch import MaskValues, detach_masks
 from vtrans.budget import (
     BLOCK_CONTENTS,
@@ -172,9 +173,10 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     model, adapter, budget = job.model, job.adapter, job.budget
     labels = batch.pop("labels", None)
     teacher_out = teacher(batch)
-    if settled is None:  # search: sampled masks
+    if settled is None:  # search: sampled masks, this rank's rows of the global batch's noise
         hidden_keep = masks.hidden_keep()
-        values.set(masks.sample(example_count(batch)), hidden_keep)
+        total, rows = distributed.rows(example_count(batch))
+        values.set({name: z[rows] for name, z in masks.sample(total).items()}, hidden_keep)
     else:  # settle: exactly the kept model, scaled by mu
         hidden_keep = settled["hidden"].float()
         values.set({name: (m.mu * settled[name]).unsqueeze(0) for name, m in masks.groups.items()}, hidden_keep)
@@ -189,6 +191,7 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     if settled is None:
         loss = loss + settings.kl_weight * kl + lagrangian(s - t)
     loss.backward()
+    distributed.average_gradients([*masks.parameters(), *lagrangian.parameters(), *model.parameters()])
     return losses, s.item(), t, kl.item()
 
 

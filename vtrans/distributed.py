@@ -1,0 +1,146 @@
+"""Data parallel over torch.distributed: `torchrun --nproc-per-node N -m vtrans compress ...` or
+`accelerate launch -m vtrans compress ...`.
+
+The launcher sets RANK, WORLD_SIZE and MASTER_ADDR/PORT; `start` joins the process group (NCCL on GPUs, gloo
+on CPUs). Every rank then runs the same program on the same global batches, each on its own contiguous share
+of the rows (`shard`, applied by the training loaders), and:
+
+  - gradients (masks, lambdas, and the weights when they train) are averaged after every backward pass
+    (`average_gradients`), so every rank takes the same optimiser step and the masks, the Lagrangian and the
+    kept set stay identical everywhere, as with DistributedDataParallel;
+  - scores that are sums over examples (Fisher information, least-squares systems) are summed over ranks
+    (`sum_`); OPTIN gives each rank a share of the units to score (`mine`);
+  - the mask noise of the whole global batch is drawn on every rank and each takes its rows (`rows`), so a run
+    gives the kept set one process would give with the same global batch and seed;
+  - only rank 0 writes: the output directory, checkpoints, the teacher cache (`main_first`).
+
+Each rank averages the loss over its own rows, as DistributedDataParallel does: a last batch that does not
+split evenly weighs its rows slightly differently than one process would.
+
+Without a launcher (WORLD_SIZE unset or 1) every function here is a no-op.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from vtrans.errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(option: str) -> torch.device:
+    """--device: `auto` is this rank's GPU where PyTorch sees one, else the CPU."""
+    if option not in DEVICES:
+        raise UsageError(f"--device {option}: choose one of {', '.join(DEVICES)}")
+    if option == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: PyTorch sees no CUDA GPU on this machine (torch.cuda.is_available() is "
+                         "False); use --device cpu, or auto")
+    if option == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank())
+
+
+def start(device: torch.device) -> None:
+    """Join the process group the launcher describes (once); nothing without a launcher."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _share(count: int, of_rank: int) -> slice:
+    """Rank `of_rank`'s contiguous rows of `count` (the first ranks take one more when it does not divide)."""
+    size, extra = divmod(count, world_size())
+    begin = of_rank * size + min(of_rank, extra)
+    return slice(begin, begin + size + (of_rank < extra))
+
+
+def shard(batch: dict) -> dict:
+    """This rank's rows of a global batch."""
+    if not active():
+        return batch
+    count = len(next(iter(batch.values())))
+    rows = _share(count, rank())
+    return {name: value[rows] for name, value in batch.items()}
+
+
+def rows(local_count: int) -> tuple[int, slice]:
+    """(rows in the global batch, this rank's rows of it), given this rank's row count."""
+    if not active():
+        return local_count, slice(0, local_count)
+    total = torch.tensor([local_count])
+    dist.all_reduce(total)
+    return int(total), _share(int(total), rank())
+
+
+def mine(index: int) -> bool:
+    """Whether the `index`-th piece of work split round-robin over ranks is this rank's."""
+    return index % world_size() == rank()
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over ranks, in place (and returned)."""
+    if active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def average_gradients(parameters) -> None:
+    """Every parameter's gradient averaged over ranks, in one flat all-reduce."""
+    if not active():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. writes a cache); the others run it after, when it is there to read."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def stop() -> None:
+    if active():
+        dist.destroy_process_group()
