@@ -221,7 +221,10 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         student.config.use_cache = False
     teacher.model.to(device, dtype)
     teacher_adapter = adapter_for(teacher.model)
-    eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(64, device=device)
+    eval_loader = objective.encode(evaluation, teacher, opts.max_length).loader(
+        objective.eval_batch_size or opts.batch_size,
+        device=device,
+    )
 
     latency_inputs = {name: value.to(device) for name, value in objective.random_inputs(teacher.model.config,
                                                                                          opts).items()}

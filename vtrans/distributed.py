@@ -14,8 +14,10 @@ of the rows (`shard`, applied by the training loaders), and:
     gives the kept set one process would give with the same global batch and seed;
   - only rank 0 writes: the output directory, checkpoints, the teacher cache (`main_first`).
 
-Each rank averages the loss over its own rows, as DistributedDataParallel does: a last batch that does not
-split evenly weighs its rows slightly differently than one process would.
+Each rank's loss, a mean over its rows, is weighed by its share of the batch (`loss_weight`), so a last batch
+that does not split evenly weighs every row as one process would. Losses averaged over tokens (the hidden-state
+distillation) are averaged over each rank's tokens: equal to one process's where the shares have as many
+tokens, close otherwise.
 
 Without a launcher (WORLD_SIZE unset or 1) every function here is a no-op.
 """
@@ -96,6 +98,15 @@ def rows(local_count: int) -> tuple[int, slice]:
     total = torch.tensor([local_count])
     dist.all_reduce(total)
     return int(total), _share(int(total), rank())
+
+
+def loss_weight(local_count: int) -> float:
+    """What this rank's loss (a mean over its rows) is multiplied by so that the gradients averaged over ranks
+    are those of the mean over the global batch, also when it does not split evenly: world x rows / total."""
+    if not active():
+        return 1.0
+    total, _ = rows(local_count)
+    return world_size() * local_count / total
 
 
 def mine(index: int) -> bool:

@@ -180,8 +180,9 @@ def train_steps(model, loader, steps: int, lr: float, loss_of, desc: str, log: l
     start = restore(state, objects) if state is not None else 0
     model.train()
     for step, batch in batches(loader, steps, desc, start):
+        weight = distributed.loss_weight(example_count(batch))  # 1 in one process
         losses = loss_of(batch)
-        losses["loss"].backward()
+        (losses["loss"] * weight).backward()
         distributed.average_gradients(model.parameters())
         optimizer.step()
         schedule.step()

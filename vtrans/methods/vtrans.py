@@ -190,7 +190,7 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     loss = losses["loss"]
     if settled is None:
         loss = loss + settings.kl_weight * kl + lagrangian(s - t)
-    loss.backward()
+    (loss * distributed.loss_weight(example_count(batch))).backward()
     distributed.average_gradients([*masks.parameters(), *lagrangian.parameters(), *model.parameters()])
     return losses, s.item(), t, kl.item()
 

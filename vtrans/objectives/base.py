@@ -21,6 +21,7 @@ class Objective:
     prunes_hidden: bool = True  # False: the output width is part of the product (embeddings stay comparable)
     distill_layers: str = "all"  # hidden states distilled by default (training.DISTILL_LAYERS)
     exports_onnx: bool = True  # `vtrans export` / --quantize can trace it (token inputs)
+    eval_batch_size: int | None = 64  # examples per evaluation batch; None: the training batch size
 
     def auto_class(self):
         """The transformers Auto class whose head this objective trains."""

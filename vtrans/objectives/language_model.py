@@ -22,6 +22,7 @@ class LanguageModelling(PlainTextObjective):
     # (SmolLM2-135M: up to 2.3e4 on the first token from layer 15 on, against about 10 elsewhere), which
     # would swamp a mean-squared error on hidden states
     distill_layers = "none"
+    eval_batch_size = None  # its logits are batch x length x vocabulary (8 x 128 x 49,152: 0.2 GB per copy)
 
     def auto_class(self):
         return AutoModelForCausalLM
