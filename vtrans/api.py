@@ -229,7 +229,8 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     latency_inputs = {name: value.to(device) for name, value in objective.random_inputs(teacher.model.config,
                                                                                          opts).items()}
     if budget.kind == "latency":
-        with distributed.main_first():  # rank 0 times this machine; the others read its cached fit
+        latency_model = None
+        if distributed.is_main():  # rank 0 times this machine; every rank takes its fit
             latency_model = fit_latency(
                 teacher.model,
                 latency_inputs,
@@ -237,11 +238,9 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
                 cache=cache_root(),
                 keep_hidden=keep_hidden,
             )
-        budget = replace(budget, latency=latency_model)
+        budget = replace(budget, latency=distributed.from_main(latency_model))
         check_reachable(teacher_adapter, budget, keep_hidden, hint)
     dense = dense_cost(teacher_adapter, budget.seq_len)
-    if distributed.is_main():
-        dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
 
     seed_everything(opts.seed)
     job = Job(
@@ -271,7 +270,9 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     if not distributed.is_main():  # every rank holds the same model; rank 0 evaluates, times and writes it
         return Result(model=outcome.model.eval(), report={}, out=out)
 
-    compressed = outcome.model.eval()
+    # dense and compressed are judged, timed and saved in the same dtype
+    compressed = outcome.model.to(dtype).eval()
+    dense_metric = objective.evaluate(teacher.model, eval_loader, teacher.model, "evaluating dense")
     compressed_cost = exact_cost(teacher_adapter, outcome.kept, budget.seq_len)
     compressed_metric = objective.evaluate(compressed, eval_loader, teacher.model, "evaluating compressed")
     runners = {"dense": torch_runner(teacher.model), "compressed": torch_runner(compressed)}

@@ -36,7 +36,7 @@ class Checkpoint:
         if not self.exists():
             return None
         try:
-            state = torch.load(self.path, weights_only=True)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)  # loaded into place after
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
             raise UsageError(f"checkpoint {self.path} cannot be read safely ({type(e).__name__}); "
                              "delete it, or pass --overwrite to start again") from None

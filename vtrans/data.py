@@ -187,12 +187,15 @@ class Examples(torch.utils.data.Dataset):
         data-parallel rank gets its rows of every batch (`batch_size` is the global batch; see distributed.py)."""
         data = self if indices is None else torch.utils.data.Subset(self, indices)
         generator = torch.Generator().manual_seed(seed)
+        # a last batch with fewer rows than ranks would leave a rank nothing to compute: it is dropped
+        too_small = shard and 0 < len(data) % batch_size < distributed.world_size()
         return torch.utils.data.DataLoader(
             data,
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=Placed(self.collate, shard, device),
             generator=generator,
+            drop_last=too_small,
         )
 
 

@@ -1,5 +1,5 @@
 """Data parallel over torch.distributed: `torchrun --nproc-per-node N -m vtrans compress ...` or
-`accelerate launch -m vtrans compress ...`.
+`accelerate launch --multi_gpu -m vtrans compress ...` (which runs torchrun).
 
 The launcher sets RANK, WORLD_SIZE and MASTER_ADDR/PORT; `start` joins the process group (NCCL on GPUs, gloo
 on CPUs). Every rank then runs the same program on the same global batches, each on its own contiguous share
@@ -12,7 +12,15 @@ of the rows (`shard`, applied by the training loaders), and:
     (`sum_`); OPTIN gives each rank a share of the units to score (`mine`);
   - the mask noise of the whole global batch is drawn on every rank and each takes its rows (`rows`), so a run
     gives the kept set one process would give with the same global batch and seed;
-  - only rank 0 writes: the output directory, checkpoints, the teacher cache (`main_first`).
+  - only rank 0 writes (the output directory, checkpoints, the teacher cache), and decisions that rest on a
+    file or a measurement (is the teacher cached? this machine's latency fit) are rank 0's, sent to all
+    (`from_main`);
+  - a last batch with fewer rows than ranks is dropped (data.py), so no rank is left without rows.
+
+The whole batch's mask noise comes from the global random generator, as in one process; ranks draw the same
+noise while they consume that generator alike, which dropout in the student breaks when shares are uneven: the
+noise is then still independent noise, not one process's. The training log's losses are rank 0's rows.
+Several machines need the teacher cache ($VTRANS_CACHE) on a filesystem they share.
 
 Each rank's loss, a mean over its rows, is weighed by its share of the batch (`loss_weight`), so a last batch
 that does not split evenly weighs every row as one process would. Losses averaged over tokens (the hidden-state
@@ -23,7 +31,7 @@ Without a launcher (WORLD_SIZE unset or 1) every function here is a no-op.
 """
 from __future__ import annotations
 
-import contextlib
+import datetime
 import os
 
 import torch
@@ -52,7 +60,9 @@ def start(device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # masks, scores and counts are CPU tensors: gloo carries those, NCCL the GPU ones
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
 
 
 def active() -> bool:
@@ -122,19 +132,22 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(parameters) -> None:
-    """Every parameter's gradient averaged over ranks, in one flat all-reduce."""
+    """Every parameter's gradient averaged over ranks: one flat all-reduce per device and dtype (the masks'
+    gradients are on the CPU, the weights' on the GPU)."""
     if not active():
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in groups.values():  # the same groups, in the same order, on every rank
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def barrier() -> None:
@@ -142,14 +155,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (e.g. writes a cache); the others run it after, when it is there to read."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
+def from_main(value):
+    """Rank 0's `value` on every rank (any picklable object), so that all ranks take rank 0's decision."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def stop() -> None:

@@ -211,8 +211,10 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
 
     batch = example_count(inputs)
 
-    key = hashlib.sha256(json.dumps([model.config.to_dict(), machine(), batch, seq_len, variants, keep_hidden],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    weight = next(model.parameters())
+    placement = [str(weight.dtype), torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"]
+    identity = [model.config.to_dict(), machine(), placement, batch, seq_len, variants, keep_hidden]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache / "latency" / f"{key}.json" if cache is not None else None
     if path is not None and path.is_file():
         return LatencyModel(**json.loads(path.read_text()))

@@ -129,7 +129,7 @@ def load_teacher(name: str, objective, train, evaluation, options, say=print) ->
                        options.batch_size, options.teacher_epochs, options.teacher_lr, options.seed,
                        transformers.__version__)
     cached = cache_root() / "teachers" / key
-    if (cached / "config.json").exists():
+    if distributed.from_main((cached / "config.json").exists()):  # one decision: fine-tuning is collective
         say(f"vtrans: using the teacher fine-tuned earlier for this model and data: {cached}")
     else:
         say(f"vtrans: {name} has no trained head for these {num_labels} labels: fine-tuning a teacher "

@@ -51,11 +51,12 @@ def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
         rows = []
         for i in range(dims.layers):
             writers, reader, width = adapter.unit_linears(i)[group]
-            per_unit = weight_out_in(reader).square().sum(0).view(-1, width).sum(1)  # the columns reading a unit
+            # in float32 on the CPU, whatever the weights' dtype and device
+            per_unit = weight_out_in(reader).float().cpu().square().sum(0).view(-1, width).sum(1)  # reading a unit
             for linear, unit_rows in writers:  # the rows writing it: (units, rows per unit)
-                per_row = weight_out_in(linear).square().sum(1)
+                per_row = weight_out_in(linear).float().cpu().square().sum(1)
                 if linear.bias is not None:
-                    per_row = per_row + linear.bias.square()
+                    per_row = per_row + linear.bias.float().cpu().square()
                 per_unit = per_unit + per_row[unit_rows].sum(1)
             rows.append(per_unit)
         scores[group] = torch.stack(rows)

@@ -35,7 +35,7 @@ class OptinSettings:
 
 def _token_gram(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Per-example Gram matrix of L2-normalised token features, padding zeroed: (B, S, S)."""
-    features = F.normalize(hidden, dim=-1) * tokens
+    features = F.normalize(hidden.float(), dim=-1) * tokens
     return features @ features.transpose(1, 2)
 
 

@@ -131,5 +131,6 @@ class PlainTextObjective(Objective):
 def kl_per_example(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of the softened distributions over the last axis: (B,) or (B, S)."""
     t = temperature
+    student, teacher = student.float(), teacher.float()  # bfloat16 rounding would swamp one unit's effect
     return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="none",
                     log_target=True).sum(-1)

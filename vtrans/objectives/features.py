@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel
 from transformers.utils import cached_file
 
+from vtrans import distributed
 from vtrans.data import Sentences
 from vtrans.objectives.base import PlainTextObjective
 
@@ -76,8 +77,9 @@ class FeatureDistillation(PlainTextObjective):
         gradient then estimates, in expectation, the summed squared sensitivity of every embedding dim to
         the unit. (The distillation loss itself has zero gradient at the dense model.)"""
         embedding = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
-        directions = torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0))
-        return (embedding * directions.to(embedding.dtype)).sum()
+        total, rows = distributed.rows(len(embedding))  # this rank's rows of the whole batch's directions
+        directions = torch.randn((total, embedding.shape[1]), generator=torch.Generator().manual_seed(0))[rows]
+        return (embedding * directions.to(embedding.device, embedding.dtype)).sum()
 
     @torch.inference_mode()
     def evaluate(self, model, loader, teacher, desc="evaluating"):
