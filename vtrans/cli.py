@@ -69,7 +69,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=list(DTYPES),
                         help="of the frozen models: the teacher, and the student while its weights do not train "
                              "(faster-vtrans, optin, fisher, magnitude, random without recovery); bfloat16 halves "
-                             "their memory (default: float32)")
+                             "their memory; the compressed model is judged and saved in it (default: float32)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="while the student's weights train (vtrans, fast-vtrans, recovery), recompute each "
                              "layer's activations in the backward pass instead of keeping them: less memory, "
