@@ -110,12 +110,14 @@ def rows(local_count: int) -> tuple[int, slice]:
     return int(total), _share(int(total), rank())
 
 
-def loss_weight(local_count: int) -> float:
+def loss_weight(local_count: int, total: int | None = None) -> float:
     """What this rank's loss (a mean over its rows) is multiplied by so that the gradients averaged over ranks
-    are those of the mean over the global batch, also when it does not split evenly: world x rows / total."""
+    are those of the mean over the global batch, also when it does not split evenly: world x rows / total.
+    `total`, the global batch's rows, where the caller already has it from `rows`."""
     if not active():
         return 1.0
-    total, _ = rows(local_count)
+    if total is None:
+        total, _ = rows(local_count)
     return world_size() * local_count / total
 
 

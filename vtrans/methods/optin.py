@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 
 from vtrans import distributed
 from vtrans.arch import MaskValues, detach_masks
-from vtrans.data import example_count, stratified_indices, token_mask
+from vtrans.data import Placed, example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
 
@@ -62,9 +62,8 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     layers = adapter.layer_modules()
     fraction = min(1.0, settings.calibration_samples / len(job.train))
     indices = stratified_indices(job.train.strata, fraction, job.seed)
-    batch = job.train.collate([job.train[i] for i in indices])
+    batch = Placed(job.train.collate, device=job.device)([job.train[i] for i in indices])
     batch.pop("labels", None)
-    batch = {name: value.to(job.device) for name, value in batch.items()}
     b = example_count(batch)
 
     captured = {}  # each layer's call: (args, kwargs) of the dense forward

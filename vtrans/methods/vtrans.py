@@ -173,9 +173,10 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     model, adapter, budget = job.model, job.adapter, job.budget
     labels = batch.pop("labels", None)
     teacher_out = teacher(batch)
+    count = example_count(batch)
+    total, rows = distributed.rows(count)  # one count over ranks: for the noise's rows and the loss weight
     if settled is None:  # search: sampled masks, this rank's rows of the global batch's noise
         hidden_keep = masks.hidden_keep()
-        total, rows = distributed.rows(example_count(batch))
         values.set({name: z[rows] for name, z in masks.sample(total).items()}, hidden_keep)
     else:  # settle: exactly the kept model, scaled by mu
         hidden_keep = settled["hidden"].float()
@@ -190,7 +191,7 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     loss = losses["loss"]
     if settled is None:
         loss = loss + settings.kl_weight * kl + lagrangian(s - t)
-    (loss * distributed.loss_weight(example_count(batch))).backward()
+    (loss * distributed.loss_weight(count, total)).backward()
     distributed.average_gradients([*masks.parameters(), *lagrangian.parameters(), *model.parameters()])
     return losses, s.item(), t, kl.item()
 
