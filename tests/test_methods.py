@@ -10,6 +10,7 @@ from vtrans.methods import base as methods_base
 from vtrans.methods import baselines, optin, run
 from vtrans.methods import vtrans as vtrans_method
 from vtrans.methods.base import Job
+from vtrans.methods.rescale import RescaleSettings, rescale
 from vtrans.surgery import masked_values, save
 
 
@@ -145,14 +146,14 @@ def test_magnitude_ranks_a_zero_weight_head_and_neuron_last(job):
 def test_fisher_scores_are_summed_squared_per_example_gradients(job):
     j = job("fisher")
     groups = ("hidden", "heads", "ffn", "attention")  # the warm start of the VIB masks scores hidden dims too
-    scores = baselines.fisher_scores(j, baselines._sample_loader(j, 8), groups)
+    scores = baselines.fisher_scores(j, j.sample_loader(8), groups)
     # by hand: one example at a time, gradient of its loss w.r.t. a shared mask of ones
     adapter, dims = j.adapter, j.adapter.dims()
     values = MaskValues()
     handles = adapter.attach_masks(values)
     expected = {group: torch.zeros(dims.mask_shapes()[group]) for group in groups}
     try:
-        for batch in baselines._sample_loader(j, 8):
+        for batch in j.sample_loader(8):
             for k in range(batch["input_ids"].shape[0]):
                 one = {name: t[k:k + 1] for name, t in batch.items()}
                 z = {name: torch.ones(1, *shape, requires_grad=True) for name, shape in dims.mask_shapes().items()}
@@ -168,29 +169,30 @@ def test_fisher_scores_are_summed_squared_per_example_gradients(job):
 
 def test_fisher_rescaling_lowers_every_layer_reconstruction_error(job):
     j = job("fisher")
-    settings = baselines.FisherSettings(samples=64, rescale_samples=64)
-    scores = baselines.fisher_scores(j, baselines._sample_loader(j, settings.samples))
+    settings = RescaleSettings(samples=64)
+    scores = baselines.fisher_scores(j, j.sample_loader(64))
     kept = baselines.search_kept(j.adapter, j.budget, scores)
-    _, log = baselines.rescale(j, kept, settings)
+    _, log = rescale(j, kept, settings)
     assert len(log) == 2 * j.adapter.dims().layers
     for row in log:
         assert row["rescaled"] and row["error_after"] < row["error_before"], row
-    # measured directly, not from the solver's own algebra: each reader's output error against the dense model
-    scale, _ = baselines.rescale(j, kept, settings)
+    # measured directly, not from the solver's own algebra: the residual stream after each add against the dense
+    scale, _ = rescale(j, kept, settings)
     batch = {k: v for k, v in next(iter(j.train.loader(64))).items() if k != "labels"}
-    plain, tuned = reader_errors(j, kept, None, batch), reader_errors(j, kept, scale, batch)
+    plain, tuned = stream_errors(j, kept, None, batch), stream_errors(j, kept, scale, batch)
     assert all(t < p for t, p in zip(tuned, plain)), (tuned, plain)
 
 
-def reader_errors(j, kept, scale, batch) -> list[float]:
-    """Squared error of every attention-output and FFN-output linear against the dense model's, real tokens."""
-    outputs = {"student": [], "teacher": []}
+def stream_errors(j, kept, scale, batch) -> list[float]:
+    """Squared error, on real tokens, of the residual stream just after every attention and FFN output is added
+    (the input of the norm that follows) against the dense model's."""
+    streams = {"student": [], "teacher": []}
     hooks = []
     for name, adapter in (("student", j.adapter), ("teacher", adapter_for(j.teacher))):
         for i in range(adapter.dims().layers):
             for group in ("heads", "ffn"):
-                reader = adapter.unit_linears(i)[group][1]
-                hooks.append(reader.register_forward_hook(lambda m, a, out, name=name: outputs[name].append(out)))
+                norm = adapter.residual_norm(i, group)
+                hooks.append(norm.register_forward_pre_hook(lambda m, a, name=name: streams[name].append(a[0])))
     try:
         masked_logits(j.model, kept, scale, batch)
         with torch.no_grad():
@@ -198,7 +200,7 @@ def reader_errors(j, kept, scale, batch) -> list[float]:
     finally:
         detach_masks(hooks)
     tokens = batch["attention_mask"].bool()
-    return [float((s[tokens] - t[tokens]).square().sum()) for s, t in zip(outputs["student"], outputs["teacher"])]
+    return [float((s[tokens] - t[tokens]).square().sum()) for s, t in zip(streams["student"], streams["teacher"])]
 
 
 def test_teacher_outputs_are_remembered_per_example_whatever_the_batching(job):
@@ -248,3 +250,69 @@ def test_faster_vtrans_keeps_the_hidden_width(job):
     j = job("faster-vtrans", data_fraction=0.25, prune_epochs=2.0, recover_epochs=0.0)
     j.budget = vtrans.budget.parse_target("params=0.8", seq_len=16)
     assert len(run(j).kept.hidden) == j.adapter.dims().hidden
+
+
+def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):
+    """With frozen weights the trained mu is replaced, at the end, by the least-squares values: after every
+    attention and FFN output the cut model's residual stream is closer to the dense model's than with mu."""
+    j = job("faster-vtrans", data_fraction=0.5)
+    runs = {}
+    for rescales in (False, True):
+        torch.manual_seed(0)
+        settings = vtrans_method.VTransSettings(rescale=rescales)
+        runs[rescales] = vtrans_method.prune(j, settings, j.loader(0.5), epochs=2.0, train_weights=False)
+    kept = runs[True].kept
+    assert kept == runs[False].kept
+    assert sum(row["phase"] == "rescale" for row in runs[True].log) == 2 * j.adapter.dims().layers
+    batch = {k: v for k, v in next(iter(j.train.loader(64))).items() if k != "labels"}
+    with_mu, tuned = stream_errors(j, kept, runs[False].scale, batch), stream_errors(j, kept, runs[True].scale, batch)
+    assert all(t < m for t, m in zip(tuned, with_mu)), (tuned, with_mu)
+
+
+def test_least_squares_values_minimise_the_stream_error_after_each_add(job):
+    """Kwon et al.'s target: each layer's kept units make the residual stream after the add match the dense
+    model's, given the pruned model's own residual. So at the solution, on the sample it was fitted on, the
+    gradient of that error with respect to the layer's values vanishes (a target of the layer's output alone,
+    which ignores the residual's drift, leaves it large)."""
+    j = job("fisher")
+    kept = baselines.search_kept(j.adapter, j.budget, baselines.fisher_scores(j, j.sample_loader(64)))
+    scale, log = rescale(j, kept, RescaleSettings(samples=64))
+    teacher_adapter = adapter_for(j.teacher)
+    values = MaskValues()
+    handles = j.adapter.attach_masks(values)
+    j.model.eval()
+    streams = []  # the student's and the dense model's, per batch
+    try:
+        for row in log:
+            if not row["rescaled"] or (row["layer"], row["group"]) == (0, "heads"):  # layer 0's residual is exact
+                continue
+            norms = j.adapter.residual_norm(row["layer"], row["group"]), teacher_adapter.residual_norm(
+                row["layer"], row["group"])
+            gradients = []
+            for this_layer in ("solution", "plain"):
+                z = {name: value.clone().unsqueeze(0) for name, value in scale.items()}
+                if this_layer == "plain":
+                    units = z[row["group"]][0, row["layer"]]
+                    units[units != 0] = 1.0
+                z = {name: value.requires_grad_(name == row["group"]) for name, value in z.items()}
+                error = torch.zeros(())
+                for batch in j.sample_loader(64):
+                    batch.pop("labels")
+                    streams.clear()
+                    hooks = [norm.register_forward_pre_hook(lambda m, a: streams.append(a[0])) for norm in norms]
+                    try:
+                        values.set(z, scale["hidden"])
+                        j.model(**batch)
+                        with torch.no_grad():
+                            j.teacher(**batch)
+                    finally:
+                        detach_masks(hooks)
+                    tokens = batch["attention_mask"].bool()
+                    error = error + (streams[0][tokens] - streams[1][tokens]).square().sum()
+                (grad,) = torch.autograd.grad(error, z[row["group"]])
+                units = (kept.heads if row["group"] == "heads" else kept.ffn)[row["layer"]]
+                gradients.append(grad[0, row["layer"], units].norm())  # the kept units' (only they were fitted)
+            assert gradients[0] < 1e-2 * gradients[1], (row, gradients)
+    finally:
+        detach_masks(handles)
+        values.set(None)

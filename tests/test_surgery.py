@@ -65,6 +65,26 @@ def test_cost_model_counts_the_real_parameters(model_and_adapter, family):
         assert predicted == sum(p.numel() for p in fresh.parameters())
 
 
+def test_residual_norm_reads_the_stream_after_each_add(model_and_adapter):
+    """The least-squares rescaling reads the residual stream just after each FFN add at Adapter.residual_norm:
+    its input (pre-norm) or output (post-norm) is the layer's output the model reports in hidden_states."""
+    model, adapter = model_and_adapter
+    layers = adapter.dims().layers
+    seen = {}
+    hooks = [adapter.residual_norm(i, "ffn").register_forward_hook(
+        lambda m, args, out, i=i: seen.__setitem__(i, (args[0], out))) for i in range(layers)]
+    try:
+        with torch.no_grad():
+            hidden_states = model(**tiny_batch(), output_hidden_states=True).hidden_states
+    finally:
+        detach_masks(hooks)
+    post_norm = adapter.final_norm is None
+    for i in range(layers - 1):  # the last layer's reported output may already be normed by the final norm
+        stream, normed = seen[i]
+        assert torch.allclose(normed if post_norm else stream, hidden_states[i + 1], atol=1e-6), i
+    assert adapter.residual_norm(0, "heads") is not adapter.residual_norm(0, "ffn")
+
+
 def test_flops_count_matches_a_hand_count():
     model = tiny_model("bert")
     adapter = adapter_for(model)

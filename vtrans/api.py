@@ -55,6 +55,7 @@ class Options:
     mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1]
     ramp: float = 0.5  # share of the mask search over which the target falls from 1 to the budget
     settle: float | None = None  # share of pruning with the kept set fixed; None: 0.25 if weights frozen, else 0
+    rescale: bool | None = None  # least squares on the kept units' values at the end; None: see VTransSettings
     kl_weight: float = 1e-6  # per unit, on the VIB KL summed over units
     mask_temperature: float = 1.0  # of the keep probability sigmoid(log_alpha / T) in the expected cost
     distill_layers: str | None = None  # hidden states distilled: all, last, none; None: the objective's choice
@@ -108,14 +109,22 @@ def validate_options(opts: Options) -> None:
             raise UsageError(f"{flag} {value} must be {wanted}")
 
 
-MASK_OPTIONS = ("mask_init", "mask_lr", "ramp", "settle", "kl_weight", "mask_temperature", "distill_layers")
+MASK_OPTIONS = ("mask_init", "mask_lr", "ramp", "settle", "rescale", "kl_weight", "mask_temperature",
+                "distill_layers")
 
 
 def mask_settings(opts: Options, objective: Objective) -> VTransSettings:
     layers = opts.distill_layers or objective.distill_layers
-    return VTransSettings(mask_init=opts.mask_init, mask_lr=opts.mask_lr, ramp=opts.ramp, settle=opts.settle,
-                          kl_weight=opts.kl_weight, temperature=opts.mask_temperature,
-                          distill=DistillWeights(layers=layers))
+    return VTransSettings(
+        mask_init=opts.mask_init,
+        mask_lr=opts.mask_lr,
+        ramp=opts.ramp,
+        settle=opts.settle,
+        rescale=opts.rescale,
+        kl_weight=opts.kl_weight,
+        temperature=opts.mask_temperature,
+        distill=DistillWeights(layers=layers),
+    )
 
 
 def _silent(*_) -> None:

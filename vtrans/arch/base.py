@@ -318,6 +318,16 @@ class Adapter:
             norms += [layer.get_submodule(path) for path in self.layer_parts.norms]
         return norms + ([self.base.get_submodule(self.final_norm)] if self.final_norm else [])
 
+    def residual_norm(self, layer: int, group: str) -> nn.Module | None:
+        """The norm whose input is the residual stream just after `layer`'s attention output ("heads") or FFN
+        output ("ffn") is added to it. In forward order every add is followed by the next norm: post-norm, the
+        add's own; pre-norm, the next sublayer's (or the final norm). None where an output is scaled on its way
+        to the stream (LayerScale) or the norms do not follow that pattern."""
+        norms = self.norms()
+        if self.layer_parts.vectors or len(norms) != 2 * self.dims().layers + 1:
+            return None
+        return norms[1 + 2 * layer + (group == "ffn")]
+
     def head_outputs(self) -> int:
         """The outputs of the head's last linear: labels, vocabulary, or a bare encoder's width (0: no head)."""
         return self._shape.head_outputs

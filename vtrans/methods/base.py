@@ -61,6 +61,10 @@ class Job:
             device=self.device,
         )
 
+    def sample_loader(self, samples: int):
+        """Batches of a label-stratified sample of about `samples` examples (all of them if fewer)."""
+        return self.loader(min(1.0, samples / len(self.train)))
+
 
 @dataclass
 class Choice:

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from vtrans import distributed
-from vtrans.arch import Kept, MaskValues, detach_masks
+from vtrans.arch import MaskValues, detach_masks
 from vtrans.arch.base import weight_out_in
 from vtrans.budget import Selection, select_kept
-from vtrans.data import example_count, token_mask
+from vtrans.data import example_count
 from vtrans.methods.base import Choice, Job
+from vtrans.methods.rescale import RescaleSettings, rescale
 from vtrans.methods.search import keep_structure_of, score_log, search_kept
-from vtrans.surgery import indicators
 
 GROUPS = ("heads", "ffn")
 
@@ -71,14 +71,7 @@ def choose_magnitude(job: Job, *_) -> Choice:
 @dataclass
 class FisherSettings:
     samples: int = 2048  # examples whose squared mask gradients are summed
-    rescale_samples: int = 512  # examples for the per-layer least-squares rescaling
-    ridge: float = 1e-6  # relative damping of the least-squares normal equations
-    max_scale: float = 10.0  # a solution with a value outside [-max_scale, max_scale] is not used (Kwon et al.)
-
-
-def _sample_loader(job: Job, samples: int):
-    """Batches of a label-stratified sample of about `samples` examples (all of them if fewer)."""
-    return job.loader(min(1.0, samples / len(job.train)))
+    rescale: RescaleSettings = field(default_factory=RescaleSettings)  # then the kept units' least squares
 
 
 def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int | None = None,
@@ -125,95 +118,9 @@ def fisher_scores(job: Job, loader, groups: tuple[str, ...] = GROUPS, limit: int
     return fisher
 
 
-@torch.no_grad()
-def rescale(job: Job, kept: Kept, settings: FisherSettings) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Kwon et al.'s mask tuning: layer by layer, heads then neurons, the kept units' mask values are set by
-    least squares so that the layer reading them (attention output, FFN output) reproduces the dense model's
-    output, given the pruned model's own input (earlier layers already rescaled). Unlike Kwon et al., the
-    target is that layer's output alone, not output + residual stream: the drift that earlier pruned layers
-    leave in the residual is not compensated. Returns mask values for `cut_model` and, per layer and group,
-    the squared reconstruction error before and after."""
-    job.model.eval()
-    adapter = job.adapter
-    dims = adapter.dims()
-    teacher_adapter = type(adapter)(job.teacher)
-    loader = _sample_loader(job, settings.rescale_samples)
-    scale = indicators(kept, dims)
-    values = MaskValues()
-    handles = adapter.attach_masks(values)
-    log = []
-    progress = tqdm(total=dims.layers * len(GROUPS), desc=f"{job.method}: least-squares rescaling", leave=False)
-    try:
-        for i in range(dims.layers):
-            for group in GROUPS:
-                progress.update()
-                units = torch.tensor(kept.heads[i] if group == "heads" else kept.ffn[i], dtype=torch.long)
-                if len(units) == 0:
-                    continue
-                _, reader, width = adapter.unit_linears(i)[group]
-                gram, rhs, target_energy = _normal_equations(
-                    job, loader, values, scale, reader, teacher_adapter.unit_linears(i)[group][1], units, width)
-                damping = settings.ridge * gram.diagonal().mean() * torch.eye(len(units), dtype=gram.dtype)
-                solution = torch.linalg.solve(gram + damping, rhs)
-                ones = torch.ones_like(solution)
-                usable = bool(solution.abs().max() <= settings.max_scale)  # else ill-posed: keep the plain units
-                solution = solution if usable else ones
-                log.append({"phase": "rescale", "layer": i, "group": group, "rescaled": usable,
-                            "error_before": _squared_error(ones, gram, rhs, target_energy),
-                            "error_after": _squared_error(solution, gram, rhs, target_energy)})
-                scale[group][i, units] = solution.float()
-    finally:
-        progress.close()
-        detach_masks(handles)
-        values.set(None)
-    return scale, log
-
-
-def _squared_error(m: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, energy: float) -> float:
-    """|C m - b|^2 from the normal equations' pieces C^T C, C^T b and b^T b."""
-    return float(energy - 2 * m @ rhs + m @ gram @ m)
-
-
-def _normal_equations(job, loader, values, scale, reader, teacher_reader, units, width):
-    """Accumulate, over the loader, the least-squares system for the kept units' mask values m:
-    minimise sum_t |sum_u m_u C_u(t) - (Y_t - bias)|^2 over real tokens t, where C_u(t) is unit u's
-    contribution to the reader's output and Y the dense model's reader output. Returns (C^T C, C^T b, b^T b)."""
-    captured = {}
-    hooks = [reader.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0])),
-             teacher_reader.register_forward_hook(lambda m, args, out: captured.__setitem__("y", out))]
-    n = len(units)
-    weight = weight_out_in(reader)
-    weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).double()  # (H, n*w)
-    weight_gram = weight.T @ weight  # (n*w, n*w): W_u^T W_v blocks
-    bias = reader.bias if reader.bias is not None else 0
-    inputs_gram, rhs, energy = torch.zeros_like(weight_gram), weight_gram.new_zeros(n * width), 0.0
-    try:
-        for batch in loader:
-            batch.pop("labels", None)
-            job.teacher(**batch)
-            values.set({name: v.unsqueeze(0) for name, v in scale.items()}, scale["hidden"])
-            job.model(**batch)
-            tokens = token_mask(batch, captured["x"].shape[:2]).bool()
-            # the kept units' values are still 1 here, so the reader's input holds their plain activations
-            x = captured["x"][tokens].unflatten(-1, (-1, width))[:, units].flatten(1).double()  # (T, n*w)
-            b = (captured["y"][tokens] - bias).double()
-            inputs_gram += x.T @ x
-            rhs += ((b @ weight) * x).sum(0)
-            energy += float(b.square().sum())
-    finally:
-        values.set(None)
-        for hook in hooks:
-            hook.remove()
-    # C_u(t) = W_u x_tu, so C^T C = sum over each unit pair's (w x w) block of (X^T X) * (W^T W)
-    gram = (inputs_gram * weight_gram).view(n, width, n, width).sum((1, 3))
-    sums = distributed.sum_(torch.cat([gram.flatten(), rhs.view(n, width).sum(1), rhs.new_tensor([energy])]))
-    sums = sums.cpu()  # each rank summed over its rows of the batches
-    return sums[:n * n].view(n, n), sums[n * n:-1], float(sums[-1])
-
-
 def choose_fisher(job: Job, *_, settings: FisherSettings | None = None) -> Choice:
     settings = settings or FisherSettings()
-    scores = fisher_scores(job, _sample_loader(job, settings.samples))
+    scores = fisher_scores(job, job.sample_loader(settings.samples))
     kept = search_kept(job.adapter, job.budget, scores)
-    scale, log = rescale(job, kept, settings)
+    scale, log = rescale(job, kept, settings.rescale)
     return Choice(kept=kept, scale=scale, log=score_log(scores) + log)

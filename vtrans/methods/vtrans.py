@@ -17,6 +17,10 @@ Pruning runs in two phases over its steps:
            deterministic, so what trains is exactly what is kept; mu (and the weights, if trained) go on
            learning. With frozen weights this is where the kept units' scales adapt to their lost neighbours.
 
+With frozen weights (Faster-VTrans) the kept units' values are then set by least squares, layer by layer, to
+reproduce the dense model's residual stream (methods/rescale.py; `rescale`); measured on MiniLM at flops=0.4,
+this beats folding in mu (83.27% vs 82.51%, seed 0). Where the weights train, recovery does that job.
+
 The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), blocks kept
 while most of their contents are (budget.hierarchical_keep), then brought within the budget (budget.select_kept)
 judging units by their first-order effect on the loss at that kept set, per cost (`choose`); the log records
@@ -52,6 +56,7 @@ from vtrans.data import example_count, token_mask
 from vtrans.masks import VIBMasks
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.baselines import fisher_scores
+from vtrans.methods.rescale import rescale
 from vtrans.surgery import indicators
 from vtrans.training import DistillWeights, TeacherOutputs, batches, distill_loss, frozen_input_embeddings, steps_for
 
@@ -82,6 +87,7 @@ class VTransSettings:
     kl_weight: float = 1e-6  # per unit, on the KL summed over units
     ramp: float = 0.5  # share of the search over which the target goes from 1 to the budget
     settle: float | None = None  # share of the steps with the kept set fixed; None: 0.25 if weights frozen, else 0
+    rescale: bool | None = None  # least squares on the kept units' values at the end; None: see `rescales`
     temperature: float = 1.0  # of the keep probability sigmoid(log_alpha / T) in the expected cost
     mask_init: str = "fisher"  # or "uniform"
     init_samples: int = 512  # examples for the Fisher warm start and for the budget fix-up's scores
@@ -97,6 +103,13 @@ class VTransSettings:
         if self.settle is not None:
             return self.settle
         return 0.0 if train_weights else 0.25
+
+    def rescales(self, train_weights: bool, adapter) -> bool:
+        """By default with frozen weights, where the family's residual stream can be read (Adapter.residual_norm):
+        fitting each layer's output alone, blind to the stream's drift, lost 1.6 points at flops=0.4 on MiniLM."""
+        if self.rescale is not None:
+            return self.rescale
+        return not train_weights and adapter.residual_norm(0, "heads") is not None
 
 
 class Lagrangian(nn.Module):
@@ -265,8 +278,12 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     if settled is None:  # no settle phase: choose now
         settled, changes = choose(job, masks, loader, settings.init_samples)
         log.append({"phase": "select", "step": steps, **changes})
+    kept = kept_from_keep(settled)
     mu = {name: m.mu.detach().clone() for name, m in masks.groups.items()}
-    return Choice(kept=kept_from_keep(settled), scale=mu, log=log)
+    if settings.rescales(train_weights, job.adapter):  # the heads' and neurons' values by least squares, replacing mu
+        scale, rescale_log = rescale(job, kept, hidden=mu["hidden"])
+        return Choice(kept=kept, scale=scale, log=log + rescale_log)
+    return Choice(kept=kept, scale=mu, log=log)
 
 
 def settings_of(job: Job) -> VTransSettings:
