@@ -1,12 +1,14 @@
 """Least-squares rescaling of the kept units (Kwon et al. 2022, "mask tuning"), for a model whose weights stay.
 
-Layer by layer, heads then neurons, the kept units' mask values are set by least squares so that the linear
-reading them (attention output, FFN output) reproduces the dense model's output, given the pruned model's own
-input (earlier layers already rescaled). The values are folded into the kept units at the cut.
+Layer by layer, heads then neurons, the kept units' mask values are set by least squares so that the residual
+stream just after the layer's output is added matches the dense model's, given the pruned model's own residual
+(earlier layers already rescaled): the fit compensates the drift earlier pruned layers leave in the stream.
+Where a family's stream cannot be read there (`Adapter.residual_norm`: DINOv2's LayerScale scales each output
+before the add), the layer's output alone is fitted. The values are folded into the kept units at the cut.
 
-Used after every choice made with frozen weights: the Fisher baseline and Faster-VTrans. Unlike Kwon et al., the
-target is that layer's output alone, not output + residual stream: the drift that earlier pruned layers leave in
-the residual is not compensated.
+Used after the Fisher baseline's choice and, by default, Faster-VTrans's (frozen weights: nothing else
+adapts the kept units to their lost neighbours). Measured on MiniLM at flops=0.4 (seed 0): fisher 81.44%
+with the stream's target vs 80.52% with the layer's output alone; faster-vtrans 83.27% vs 80.90%.
 """
 from __future__ import annotations
 
