@@ -301,7 +301,7 @@ def test_least_squares_values_minimise_the_stream_error_after_each_add(job):
                     streams.clear()
                     hooks = [norm.register_forward_pre_hook(lambda m, a: streams.append(a[0])) for norm in norms]
                     try:
-                        values.set(z, scale["hidden"])
+                        values.set(z, (scale["hidden"] != 0).float())
                         j.model(**batch)
                         with torch.no_grad():
                             j.teacher(**batch)

@@ -70,9 +70,13 @@ def test_residual_norm_reads_the_stream_after_each_add(model_and_adapter):
     its input (pre-norm) or output (post-norm) is the layer's output the model reports in hidden_states."""
     model, adapter = model_and_adapter
     layers = adapter.dims().layers
-    seen = {}
+    seen, attention_out = {}, {}
     hooks = [adapter.residual_norm(i, "ffn").register_forward_hook(
         lambda m, args, out, i=i: seen.__setitem__(i, (args[0], out))) for i in range(layers)]
+    hooks += [adapter.residual_norm(i, "heads").register_forward_pre_hook(
+        lambda m, args, i=i: seen.__setitem__((i, "heads"), args[0])) for i in range(layers)]
+    hooks += [adapter.part(i, adapter.layer_parts.attention_output).register_forward_hook(
+        lambda m, args, out, i=i: attention_out.__setitem__(i, out)) for i in range(layers)]
     try:
         with torch.no_grad():
             hidden_states = model(**tiny_batch(), output_hidden_states=True).hidden_states
@@ -82,6 +86,8 @@ def test_residual_norm_reads_the_stream_after_each_add(model_and_adapter):
     for i in range(layers - 1):  # the last layer's reported output may already be normed by the final norm
         stream, normed = seen[i]
         assert torch.allclose(normed if post_norm else stream, hidden_states[i + 1], atol=1e-6), i
+    for i in range(layers):  # after the attention's add: the layer's input plus the attention's output
+        assert torch.allclose(seen[(i, "heads")], hidden_states[i] + attention_out[i], atol=1e-6), i
     assert adapter.residual_norm(0, "heads") is not adapter.residual_norm(0, "ffn")
 
 

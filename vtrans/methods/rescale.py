@@ -40,18 +40,19 @@ class _LayerDone(Exception):
 
 
 @torch.no_grad()
-def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidden: torch.Tensor | None = None
-            ) -> tuple[dict[str, torch.Tensor], list]:
+def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidden: torch.Tensor | None = None,
+            loader=None) -> tuple[dict[str, torch.Tensor], list]:
     """Mask values of every unit (0 for dropped ones) for `cut_model`, and per layer and group the squared
     reconstruction error before (every kept unit at 1) and after. `hidden`: the hidden dims' values (a trained
-    mu), kept as they are (1 by default); a block needs none: its units' values absorb its scale."""
+    mu), kept as they are (1 by default); a block needs none: its units' values absorb its scale. `loader`: the
+    examples to fit on (default: a sample of `settings.samples` training examples)."""
     settings = settings or RescaleSettings()
     was_training = job.model.training
     job.model.eval()
     adapter = job.adapter
     dims = adapter.dims()
     teacher_adapter = type(adapter)(job.teacher)
-    loader = job.sample_loader(settings.samples)
+    loader = loader if loader is not None else job.sample_loader(settings.samples)
     scale = indicators(kept, dims)
     if hidden is not None:
         scale["hidden"] = scale["hidden"] * hidden
@@ -130,16 +131,18 @@ def _normal_equations(job, loader, values, scale, layer, group, teacher_adapter,
         hooks = [reader.register_forward_pre_hook(keep("x", stop=True)[0]),
                  teacher_reader.register_forward_hook(keep("dense_y", stop=True)[1])]
     n = len(units)
-    weight = weight_out_in(reader)
+    hidden_keep = (scale["hidden"] != 0).float()
+    rows = hidden_keep.nonzero().flatten()  # only the kept hidden dims are fitted: the cut model has no others
+    weight = weight_out_in(reader)[rows.to(reader.weight.device)]
     weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).double()  # (H, n*w)
     weight_gram = weight.T @ weight  # (n*w, n*w): W_u^T W_v blocks
-    bias = reader.bias if reader.bias is not None else 0
+    bias = reader.bias[rows.to(reader.bias.device)] if reader.bias is not None else 0
     inputs_gram, rhs, energy = torch.zeros_like(weight_gram), weight_gram.new_zeros(n * width), 0.0
     try:
         for batch in loader:
             batch.pop("labels", None)
             _forward_until(job.teacher, batch)
-            values.set({name: v.unsqueeze(0) for name, v in scale.items()}, scale["hidden"])
+            values.set({name: v.unsqueeze(0) for name, v in scale.items()}, hidden_keep)
             _forward_until(job.model, batch)
             tokens = token_mask(batch, captured["x"].shape[:2]).bool()
             # the kept units' values are still 1 here, so the reader's input holds their plain activations
@@ -148,7 +151,7 @@ def _normal_equations(job, loader, values, scale, layer, group, teacher_adapter,
                 target = captured["dense_stream"] - captured["stream"] + captured["y"]
             else:
                 target = captured["dense_y"]
-            b = (target[tokens] - bias).double()
+            b = (target[tokens][:, rows.to(target.device)] - bias).double()
             inputs_gram += x.T @ x
             rhs += ((b @ weight) * x).sum(0)
             energy += float(b.square().sum())
