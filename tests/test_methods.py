@@ -253,8 +253,8 @@ def test_faster_vtrans_keeps_the_hidden_width(job):
 
 
 def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):
-    """With frozen weights the trained mu is replaced, at the end, by the least-squares values: after every
-    attention and FFN output the cut model's residual stream is closer to the dense model's than with mu."""
+    """With frozen weights the trained mu is replaced, at the end, by the least-squares values fitted on the
+    method's own sample: over the layers, the cut model's residual stream is closer to the dense model's."""
     j = job("faster-vtrans", data_fraction=0.5)
     runs = {}
     for rescales in (False, True):
@@ -264,9 +264,15 @@ def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):
     kept = runs[True].kept
     assert kept == runs[False].kept
     assert sum(row["phase"] == "rescale" for row in runs[True].log) == 2 * j.adapter.dims().layers
-    batch = {k: v for k, v in next(iter(j.train.loader(64))).items() if k != "labels"}
-    with_mu, tuned = stream_errors(j, kept, runs[False].scale, batch), stream_errors(j, kept, runs[True].scale, batch)
-    assert all(t < m for t, m in zip(tuned, with_mu)), (tuned, with_mu)
+    totals = {False: 0.0, True: 0.0}
+    for batch in j.loader(0.5):  # the examples both learnt from (the fit minimises on these)
+        batch.pop("labels")
+        for rescales, run_ in runs.items():
+            totals[rescales] = totals[rescales] + torch.tensor(stream_errors(j, kept, run_.scale, batch))
+    assert totals[True].sum() < totals[False].sum(), totals  # per layer, mu's other inputs may do better
+    # what it folds is this fit, on its sample (the hidden dims keep their values: here, unlike in `run`, they train)
+    fitted, _ = rescale(j, kept, hidden=runs[True].scale["hidden"], loader=j.loader(0.5))
+    assert all(torch.allclose(fitted[group], runs[True].scale[group], atol=1e-5) for group in ("heads", "ffn"))
 
 
 def test_least_squares_values_minimise_the_stream_error_after_each_add(job):
