@@ -98,6 +98,24 @@ def _forward_until(model, batch: dict) -> None:
         pass
 
 
+def _input_into(captured: dict, key: str, stop: bool = False):
+    """A forward pre-hook keeping its module's input as `captured[key]`; with `stop`, the pass ends there."""
+    def hook(module, args):
+        captured[key] = args[0]
+        if stop:
+            raise _LayerDone
+    return hook
+
+
+def _output_into(captured: dict, key: str, stop: bool = False):
+    """A forward hook keeping its module's output as `captured[key]`; with `stop`, the pass ends there."""
+    def hook(module, args, output):
+        captured[key] = output
+        if stop:
+            raise _LayerDone
+    return hook
+
+
 def _normal_equations(job, loader, values, scale, layer, group, teacher_adapter, units):
     """Accumulate, over the loader, the least-squares system for the kept units' mask values m:
     minimise sum_t |sum_u m_u C_u(t) - b_t|^2 over real tokens t, where C_u(t) is unit u's contribution to the
@@ -108,35 +126,23 @@ def _normal_equations(job, loader, values, scale, layer, group, teacher_adapter,
     _, reader, width = job.adapter.unit_linears(layer)[group]
     residual = job.adapter.residual_norm(layer, group), teacher_adapter.residual_norm(layer, group)
     captured = {}
-
-    def keep(key, stop=False):
-        def pre_hook(module, args):
-            captured[key] = args[0]
-            if stop:
-                raise _LayerDone
-
-        def hook(module, args, output):
-            captured[key] = output
-            if stop:
-                raise _LayerDone
-        return pre_hook, hook
-
     if residual[0] is not None:  # read the streams at the norms after the add, then stop
-        hooks = [reader.register_forward_pre_hook(keep("x")[0]),
-                 reader.register_forward_hook(keep("y")[1]),
-                 residual[0].register_forward_pre_hook(keep("stream", stop=True)[0]),
-                 residual[1].register_forward_pre_hook(keep("dense_stream", stop=True)[0])]
+        hooks = [reader.register_forward_pre_hook(_input_into(captured, "x")),
+                 reader.register_forward_hook(_output_into(captured, "y")),
+                 residual[0].register_forward_pre_hook(_input_into(captured, "stream", stop=True)),
+                 residual[1].register_forward_pre_hook(_input_into(captured, "dense_stream", stop=True))]
     else:  # the reader's input (student) and output (dense model) are all it needs
         teacher_reader = teacher_adapter.unit_linears(layer)[group][1]
-        hooks = [reader.register_forward_pre_hook(keep("x", stop=True)[0]),
-                 teacher_reader.register_forward_hook(keep("dense_y", stop=True)[1])]
+        hooks = [reader.register_forward_pre_hook(_input_into(captured, "x", stop=True)),
+                 teacher_reader.register_forward_hook(_output_into(captured, "dense_y", stop=True))]
     n = len(units)
     hidden_keep = (scale["hidden"] != 0).float()
-    rows = hidden_keep.nonzero().flatten()  # only the kept hidden dims are fitted: the cut model has no others
-    weight = weight_out_in(reader)[rows.to(reader.weight.device)]
+    # only the kept hidden dims are fitted (the cut model has no others); indices where the weights are
+    rows = hidden_keep.nonzero().flatten().to(reader.weight.device)
+    weight = weight_out_in(reader)[rows]
     weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).double()  # (H, n*w)
     weight_gram = weight.T @ weight  # (n*w, n*w): W_u^T W_v blocks
-    bias = reader.bias[rows.to(reader.bias.device)] if reader.bias is not None else 0
+    bias = reader.bias[rows] if reader.bias is not None else 0
     inputs_gram, rhs, energy = torch.zeros_like(weight_gram), weight_gram.new_zeros(n * width), 0.0
     try:
         for batch in loader:
@@ -151,7 +157,7 @@ def _normal_equations(job, loader, values, scale, layer, group, teacher_adapter,
                 target = captured["dense_stream"] - captured["stream"] + captured["y"]
             else:
                 target = captured["dense_y"]
-            b = (target[tokens][:, rows.to(target.device)] - bias).double()
+            b = (target[tokens][:, rows] - bias).double()
             inputs_gram += x.T @ x
             rhs += ((b @ weight) * x).sum(0)
             energy += float(b.square().sum())
