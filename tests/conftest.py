@@ -126,7 +126,8 @@ def write_sentiment_csv(path, rows: int = 96, seed: int = 0, label_column: str =
 
 @pytest.fixture
 def job(tmp_path):
-    """make(method, **Job fields): a Job on a tiny random BERT (teacher) and 200 rows of the toy task."""
+    """make(method, target, family, **Job fields): a Job on a tiny random model of `family` (BERT by default) as
+    the teacher and 200 rows of the toy task."""
     import copy
 
     from transformers import AutoTokenizer
@@ -139,11 +140,14 @@ def job(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     table = load_table(str(write_sentiment_csv(tmp_path / "train.csv", rows=200)))
     train = Encoded(table, tokenizer, {"0": 0, "1": 1}, max_length=16)
-    teacher = tiny_model("bert").requires_grad_(False)
-    teacher.config.num_labels = TINY["num_labels"]
-    student = copy.deepcopy(teacher)
+    models = {}
 
-    def make(method, target="flops=0.5", **kw):
+    def make(method, target="flops=0.5", family="bert", **kw):
+        if family not in models:  # the same teacher and student for every Job of a family
+            teacher = tiny_model(family).requires_grad_(False)
+            teacher.config.num_labels = TINY["num_labels"]
+            models[family] = teacher, copy.deepcopy(teacher)
+        teacher, student = models[family]
         return Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher,
                    budget=parse_target(target, 16), train=train, batch_size=16, **kw)
     return make

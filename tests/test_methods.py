@@ -76,6 +76,35 @@ def test_fast_vtrans_learns_from_the_requested_fraction(job, monkeypatch):
     assert sizes == [(0.1, expected)] and expected == 20  # 10% of 200 rows, 10 per label
 
 
+def test_least_squares_runs_beside_a_dense_model_in_another_dtype(job):
+    """With --dtype bfloat16 the dense model is in bfloat16 while a student that trains stays in float32: the
+    layers' recorded arguments (rotary embeddings) take each model's own dtype."""
+    j = job("fisher", family="llama-gqa")
+    j.teacher.to(torch.bfloat16)
+    kept = baselines.search_kept(j.adapter, j.budget, baselines.fisher_scores(j, j.sample_loader(32)))
+    _, log = rescale(j, kept, RescaleSettings(samples=32))
+    assert len(log) == 2 * j.adapter.dims().layers
+    assert all(row["error_after"] <= row["error_before"] for row in log), log
+
+
+def test_a_sampled_method_recovers_on_the_fraction_asked(job, monkeypatch):
+    """--recover-fraction 1: a sampled variant's choice gets the recovery every other method gets (all the
+    data), as the bench's METHOD+recover rows need to compare like for like."""
+    j = job("faster-vtrans", data_fraction=0.1, prune_epochs=1.0, recover_epochs=1.0, recover_fraction=1.0)
+    sizes = []
+    original = Job.loader
+
+    def recording_loader(self, fraction=1.0):
+        loader = original(self, fraction)
+        sizes.append((fraction, len(loader.dataset)))
+        return loader
+    monkeypatch.setattr(Job, "loader", recording_loader)
+    outcome = run(j)
+    assert sizes == [(0.1, 20), (1.0, 200)]
+    recover_steps = [row["step"] for row in outcome.log if row.get("phase") == "recover"]
+    assert max(recover_steps) + 1 == len(j.train.loader(16))  # one epoch of the 200 rows, not of the 20
+
+
 def test_vtrans_trains_the_weights_with_the_masks(job):
     j = job("vtrans")
     before = {k: v.clone() for k, v in j.model.state_dict().items()}
@@ -275,12 +304,14 @@ def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):
     assert all(torch.allclose(fitted[group], runs[True].scale[group], atol=1e-5) for group in ("heads", "ffn"))
 
 
-def test_least_squares_values_minimise_the_stream_error_after_each_add(job):
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama-gqa"])
+def test_least_squares_values_minimise_the_stream_error_after_each_add(job, family):
     """Kwon et al.'s target: each layer's kept units make the residual stream after the add match the dense
     model's, given the pruned model's own residual. So at the solution, on the sample it was fitted on, the
     gradient of that error with respect to the layer's values vanishes (a target of the layer's output alone,
-    which ignores the residual's drift, leaves it large)."""
-    j = job("fisher")
+    which ignores the residual's drift, leaves it large). Post-norm and pre-norm families, with the decoders'
+    key/value caches: the fit replays each layer several times."""
+    j = job("fisher", family=family)
     kept = baselines.search_kept(j.adapter, j.budget, baselines.fisher_scores(j, j.sample_loader(64)))
     scale, log = rescale(j, kept, RescaleSettings(samples=64))
     teacher_adapter = adapter_for(j.teacher)

@@ -2,9 +2,10 @@
 
 Each run is an ordinary `compress` into DIR/models/METHOD-TARGET (so every model can be loaded and
 probed). `METHOD+recover` runs METHOD followed by the recovery VTrans gets by default (`--recover-epochs`,
-or as many epochs as `--prune-epochs`, 1 by default): one-shot choices then compare with VTrans like for
-like. After each run DIR/bench.json and DIR/bench.md are rewritten, so an interrupted bench keeps what
-finished; the plots are drawn at the end. A method that fails is a failed row; the others still run.
+or as many epochs as `--prune-epochs`, 1 by default), on all the training data (`--recover-fraction`, also for
+the sampled variants): one-shot and sampled choices then compare with VTrans like for like. After each run
+DIR/bench.json and DIR/bench.md are rewritten, so an interrupted bench keeps what finished; the plots are
+drawn at the end. A method that fails is a failed row; the others still run.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def method_options(name: str, options: dict) -> tuple[str, dict]:
     if not name.endswith(RECOVER):
         return name, options
     epochs = options.get("recover_epochs") or options.get("prune_epochs") or 1.0
-    return name.removesuffix(RECOVER), options | {"recover_epochs": epochs}
+    fraction = options.get("recover_fraction") or 1.0
+    return name.removesuffix(RECOVER), options | {"recover_epochs": epochs, "recover_fraction": fraction}
 
 
 def run_name(method: str, target: str) -> str:

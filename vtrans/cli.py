@@ -57,6 +57,10 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                              "for vtrans and fast-vtrans; 0 for faster-vtrans and the one-shot methods)")
     parser.add_argument("--data-fraction", type=float, default=DEFAULTS.data_fraction,
                         help="share of the data fast-vtrans and faster-vtrans learn from (default: 0.03)")
+    parser.add_argument("--recover-fraction", type=float, default=DEFAULTS.recover_fraction,
+                        help="share of the data the recovery distils on (default: what the method learned from: "
+                             "the sample for fast/faster-vtrans, all of it for the others); 1 gives every method "
+                             "the same recovery")
     parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to,
                         help="keep FFN neurons per layer and hidden dims in multiples of this (e.g. 8 or 64: "
                              "matrix sizes kernels like), still within the budget (default: 1)")
@@ -99,8 +103,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 RUN_OPTIONS = (
     "objective", "eval_data", "max_length", "image_size", "batch_size", "seed", "holdout", "teacher_epochs",
-    "teacher_lr", "prune_epochs", "recover_epochs", "data_fraction", "round_to", "quantize", "device", "dtype",
-    "gradient_checkpointing",
+    "teacher_lr", "prune_epochs", "recover_epochs", "data_fraction", "recover_fraction", "round_to", "quantize",
+    "device", "dtype", "gradient_checkpointing",
     *MASK_OPTIONS,
 )
 

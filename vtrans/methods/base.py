@@ -41,6 +41,7 @@ class Job:
     prune_epochs: float | None = None  # None: the method's default
     recover_epochs: float | None = None  # None: the method's default
     data_fraction: float = 0.03  # for the methods that learn from a sample of the data
+    recover_fraction: float | None = None  # the share of the data recovery distils on; None: the method's data
     checkpoint: Checkpoint | None = None  # where training state is saved every N steps
     resume: bool = False  # continue from the checkpoint
     vtrans: VTransSettings | None = None  # mask training settings (None: the defaults)
@@ -86,8 +87,9 @@ class Method:
 
     `choose(job, loader, teacher, state, epochs)` returns a Choice; `state` is a checkpoint to resume from
     (or None), `epochs` how long to prune (methods that do not train ignore it).
-    A `sampled` method learns (and recovers) on a label-stratified `data_fraction` of the data; a `trains`
-    method recovers after the cut by default (as many epochs as it pruned), the others only when asked.
+    A `sampled` method learns (and recovers, unless `recover_fraction` says otherwise) on a label-stratified
+    `data_fraction` of the data; a `trains` method recovers after the cut by default (as many epochs as it
+    pruned), the others only when asked.
     """
 
     choose: Callable[..., Choice]
@@ -124,6 +126,9 @@ def run(job: Job, method: Method) -> Outcome:
         from vtrans.methods.vtrans import VTransSettings
 
         settings = VTransSettings()
+    if job.recover_fraction is not None:  # e.g. a sampled method's choice, recovered like every other method's
+        loader = job.loader(job.recover_fraction)
+        teacher = TeacherOutputs(job.teacher, job.objective, 0)  # data seen once: nothing worth remembering
     distill(job.model, teacher, loader, steps_for(method.recover_epochs(job), loader), settings.recover_lr,
             settings.distill, job.objective, hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
             desc=f"{job.method}: recovering", log=log, checkpoint=job.checkpoint, state=state,

@@ -12,10 +12,13 @@ with the stream's target vs 80.52% with the layer's output alone; faster-vtrans 
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
 
 from vtrans import distributed
 from vtrans.arch import Kept, MaskValues, detach_masks
@@ -35,8 +38,8 @@ class RescaleSettings:
 
 
 class _LayerDone(Exception):
-    """Raised by a hook once the layer being rescaled has been reached: the rest of the forward pass is not
-    needed (on average this halves the passes' cost)."""
+    """Raised by a hook once a call has given what a fit reads (the stream after an add, the layer 0 input): the
+    rest of the call is not run."""
 
 
 @torch.no_grad()
@@ -45,7 +48,11 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
     """Mask values of every unit (0 for dropped ones) for `cut_model`, and per layer and group the squared
     reconstruction error before (every kept unit at 1) and after. `hidden`: the hidden dims' values (a trained
     mu), kept as they are (1 by default); a block needs none: its units' values absorb its scale. `loader`: the
-    examples to fit on (default: a sample of `settings.samples` training examples)."""
+    examples to fit on, its first `settings.samples` (default: a sample of that many training examples).
+
+    The student runs once, recording each layer's arguments and layer 0's input (the dense model records that
+    input); after that each layer is replayed on its input streams (as SliceGPT does), so every fit costs a few
+    passes of one layer, not of the model up to it. The streams of `samples` examples stay in memory."""
     settings = settings or RescaleSettings()
     was_training = job.model.training
     job.model.eval()
@@ -53,6 +60,9 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
     dims = adapter.dims()
     teacher_adapter = type(adapter)(job.teacher)
     loader = loader if loader is not None else job.sample_loader(settings.samples)
+    # at most `samples` examples (the same number of batches on every rank): the inputs stay in memory
+    batches = [{name: value for name, value in batch.items() if name != "labels"}
+               for batch in itertools.islice(loader, math.ceil(settings.samples / job.batch_size))]
     scale = indicators(kept, dims)
     if hidden is not None:
         scale["hidden"] = scale["hidden"] * hidden
@@ -61,14 +71,19 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
     log = []
     progress = tqdm(total=dims.layers * len(GROUPS), desc=f"{job.method}: least-squares rescaling", leave=False)
     try:
+        student = _Replay(job.model, adapter, batches, values, scale)
+        # the layers' other arguments (masks, rotary embeddings) depend on neither weights nor mask values, but
+        # take the model's dtype: a dense model in another dtype (bfloat16 beside a training student) records its own
+        same_dtype = next(job.model.parameters()).dtype == next(job.teacher.parameters()).dtype
+        dense = _Replay(job.teacher, teacher_adapter, batches, arguments=student.arguments if same_dtype else None)
         for i in range(dims.layers):
+            references = dense.advance(i, references=True)  # what layer i's fits aim at, per group and batch
             for group in GROUPS:
                 progress.update()
                 units = torch.tensor(kept.heads[i] if group == "heads" else kept.ffn[i], dtype=torch.long)
                 if len(units) == 0:
                     continue
-                gram, rhs, target_energy = _normal_equations(job, loader, values, scale, i, group, teacher_adapter,
-                                                             units)
+                gram, rhs, target_energy = _normal_equations(student, references[group], i, group, units)
                 damping = settings.ridge * gram.diagonal().mean() * torch.eye(len(units), dtype=gram.dtype)
                 solution = torch.linalg.solve(gram + damping, rhs)
                 ones = torch.ones_like(solution)
@@ -78,6 +93,8 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
                             "error_before": _squared_error(ones, gram, rhs, target_energy),
                             "error_after": _squared_error(solution, gram, rhs, target_energy)})
                 scale[group][i, units] = solution.float()
+            if i + 1 < dims.layers:
+                student.advance(i)
     finally:
         progress.close()
         detach_masks(handles)
@@ -87,15 +104,8 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
 
 
 def _squared_error(m: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, energy: float) -> float:
-    """|C m - b|^2 from the normal equations' pieces C^T C, C^T b and b^T b."""
-    return float(energy - 2 * m @ rhs + m @ gram @ m)
-
-
-def _forward_until(model, batch: dict) -> None:
-    try:
-        model(**batch)
-    except _LayerDone:
-        pass
+    """|C m - b|^2 from the normal equations' pieces C^T C, C^T b and b^T b (an exact fit's may round below 0)."""
+    return max(0.0, float(energy - 2 * m @ rhs + m @ gram @ m))
 
 
 def _input_into(captured: dict, key: str, stop: bool = False):
@@ -108,65 +118,159 @@ def _input_into(captured: dict, key: str, stop: bool = False):
 
 
 def _output_into(captured: dict, key: str, stop: bool = False):
-    """A forward hook keeping its module's output as `captured[key]`; with `stop`, the pass ends there."""
+    """A forward hook keeping its module's output (its first, for a layer's tuple) as `captured[key]`; with
+    `stop`, the pass ends there."""
     def hook(module, args, output):
-        captured[key] = output
+        captured[key] = output[0] if isinstance(output, tuple) else output
         if stop:
             raise _LayerDone
     return hook
 
 
-def _normal_equations(job, loader, values, scale, layer, group, teacher_adapter, units):
-    """Accumulate, over the loader, the least-squares system for the kept units' mask values m:
+class _Replay:
+    """One model's layers called again on stored inputs, one call per batch. A first forward pass records the
+    arguments each layer got (attention mask, rotary embeddings, ...: a layer may get its own, e.g. a sliding
+    window) and layer 0's input stream, and stops after the last layer's arguments (no head is run);
+    `advance` moves the stream on by one layer. `arguments`: another replay's, for a model of the same
+    architecture and dtype (then the pass stops at layer 0). `values`/`scale`: the student's mask values, set
+    before each of its calls (a fit changes them)."""
+
+    def __init__(self, model, adapter, batches: list[dict], values: MaskValues | None = None,
+                 scale: dict | None = None, arguments: list | None = None):
+        self.model, self.adapter, self.batches, self.values, self.scale = model, adapter, batches, values, scale
+        layers = adapter.layer_modules()
+        self.arguments = arguments or [[] for _ in layers]  # per layer, per batch: (args, kwargs) without the stream
+        self.streams = []  # per batch: the input stream of the layer `run` calls next
+
+        def record(layer: int):
+            def hook(module, args, kwargs):
+                if layer == 0:
+                    self.streams.append(args[0] if args else kwargs["hidden_states"])
+                if arguments is not None:  # only layer 0's input is needed
+                    raise _LayerDone
+                # the stream is set at each call; a decoder's key/value cache would grow at every call: none
+                args = tuple(None if i == 0 or isinstance(value, Cache) else value for i, value in enumerate(args))
+                kwargs = {name: None if name == "hidden_states" or isinstance(value, Cache) else value
+                          for name, value in kwargs.items()}
+                self.arguments[layer].append((args, kwargs))
+                if layer == len(layers) - 1:
+                    raise _LayerDone
+            return hook
+
+        hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            for batch in batches:
+                self._set_values()
+                try:
+                    model(**batch)
+                except _LayerDone:
+                    pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _set_values(self) -> None:
+        if self.values is not None:
+            hidden_keep = (self.scale["hidden"] != 0).float()
+            self.values.set({name: v.unsqueeze(0) for name, v in self.scale.items()}, hidden_keep)
+
+    def run(self, layer: int):
+        """Call layer `layer` on every batch's stream (a hook may end a call early), yielding each batch after
+        its call."""
+        module = self.adapter.layer_modules()[layer]
+        for batch, stream, (args, kwargs) in zip(self.batches, self.streams, self.arguments[layer]):
+            self._set_values()
+            if args:
+                args = (stream, *args[1:])
+            else:
+                kwargs = kwargs | {"hidden_states": stream}
+            try:
+                module(*args, **kwargs)
+            except _LayerDone:
+                pass
+            yield batch
+
+    def advance(self, layer: int, references: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Move to layer `layer + 1`: its input streams are layer `layer`'s outputs at the current values.
+        With `references`, also return per group, per batch, what a fit of that group aims at: the stream just
+        after the add (`stream_hook`), or where it cannot be read, the reader's output."""
+        captured = {}
+        hooks = [self.adapter.layer_modules()[layer].register_forward_hook(_output_into(captured, "out"))]
+        for group in GROUPS if references else ():
+            hook = self.stream_hook(layer, group, captured, group, stop=False)
+            if hook is None:
+                reader = self.adapter.unit_linears(layer)[group][1]
+                hook = reader.register_forward_hook(_output_into(captured, group))
+            hooks.append(hook)
+        streams, targets = [], {group: [] for group in GROUPS if references}
+        try:
+            for _ in self.run(layer):
+                streams.append(captured["out"])
+                for group in targets:
+                    targets[group].append(captured[group])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.streams = streams
+        return targets
+
+    def stream_hook(self, layer: int, group: str, captured: dict, key: str, stop: bool = True):
+        """A hook keeping the residual stream just after `layer`'s `group` output is added (with `stop`,
+        ending the call there): the input of the norm after the add, or the layer's output where that norm is
+        the next layer's (pre-norm). None where the family's stream cannot be read (`Adapter.residual_norm`)."""
+        norm = self.adapter.residual_norm(layer, group)
+        if norm is None:
+            return None
+        module = self.adapter.layer_modules()[layer]
+        if any(part is norm for part in module.modules()):
+            return norm.register_forward_pre_hook(_input_into(captured, key, stop=stop))
+        return module.register_forward_hook(_output_into(captured, key))
+
+
+def _normal_equations(student: _Replay, references: list[torch.Tensor], layer: int, group: str,
+                      units: torch.Tensor):
+    """Accumulate, over the batches, the least-squares system for the kept units' mask values m:
     minimise sum_t |sum_u m_u C_u(t) - b_t|^2 over real tokens t, where C_u(t) is unit u's contribution to the
     reader's output. As Kwon et al., b makes the residual stream after the add match the dense model's:
     b = S_dense - R - bias, with S the stream after the add (the input of the next norm) and R the pruned
     model's residual (S - Y, Y the reader's output at plain values). Where the stream cannot be read
-    (Adapter.residual_norm), b = Y_dense - bias: the reader's output alone. Returns (C^T C, C^T b, b^T b)."""
-    _, reader, width = job.adapter.unit_linears(layer)[group]
-    residual = job.adapter.residual_norm(layer, group), teacher_adapter.residual_norm(layer, group)
+    (Adapter.residual_norm), b = Y_dense - bias: the reader's output alone. `references`: per batch, S_dense
+    or Y_dense (`_Replay.advance`). Returns (C^T C, C^T b, b^T b)."""
+    _, reader, width = student.adapter.unit_linears(layer)[group]
     captured = {}
-    if residual[0] is not None:  # read the streams at the norms after the add, then stop
-        hooks = [reader.register_forward_pre_hook(_input_into(captured, "x")),
-                 reader.register_forward_hook(_output_into(captured, "y")),
-                 residual[0].register_forward_pre_hook(_input_into(captured, "stream", stop=True)),
-                 residual[1].register_forward_pre_hook(_input_into(captured, "dense_stream", stop=True))]
-    else:  # the reader's input (student) and output (dense model) are all it needs
-        teacher_reader = teacher_adapter.unit_linears(layer)[group][1]
-        hooks = [reader.register_forward_pre_hook(_input_into(captured, "x", stop=True)),
-                 teacher_reader.register_forward_hook(_output_into(captured, "dense_y", stop=True))]
+    stream = student.stream_hook(layer, group, captured, "stream")  # read the stream after the add, then stop
+    hooks = [reader.register_forward_pre_hook(_input_into(captured, "x")),
+             reader.register_forward_hook(_output_into(captured, "y", stop=stream is None))]
+    hooks += [stream] if stream is not None else []
     n = len(units)
-    hidden_keep = (scale["hidden"] != 0).float()
+    hidden_keep = (student.scale["hidden"] != 0).float()
     # only the kept hidden dims are fitted (the cut model has no others); indices where the weights are
     rows = hidden_keep.nonzero().flatten().to(reader.weight.device)
     weight = weight_out_in(reader)[rows]
-    weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).double()  # (H, n*w)
-    weight_gram = weight.T @ weight  # (n*w, n*w): W_u^T W_v blocks
+    weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).float()  # (H, n*w)
     bias = reader.bias[rows] if reader.bias is not None else 0
-    inputs_gram, rhs, energy = torch.zeros_like(weight_gram), weight_gram.new_zeros(n * width), 0.0
+    # each batch's products in float32 (half the time of float64), summed over batches in float64
+    inputs_gram = weight.new_zeros(n * width, n * width, dtype=torch.float64)
+    rhs, energy = weight.new_zeros(n * width, dtype=torch.float64), 0.0
     try:
-        for batch in loader:
-            batch.pop("labels", None)
-            _forward_until(job.teacher, batch)
-            values.set({name: v.unsqueeze(0) for name, v in scale.items()}, hidden_keep)
-            _forward_until(job.model, batch)
+        for batch, reference in zip(student.run(layer), references):
             tokens = token_mask(batch, captured["x"].shape[:2]).bool()
             # the kept units' values are still 1 here, so the reader's input holds their plain activations
-            x = captured["x"][tokens].unflatten(-1, (-1, width))[:, units].flatten(1).double()  # (T, n*w)
-            if residual[0] is not None:  # S_dense - (S - Y) - bias
-                target = captured["dense_stream"] - captured["stream"] + captured["y"]
+            x = captured["x"][tokens].unflatten(-1, (-1, width))[:, units].flatten(1).float()  # (T, n*w)
+            if stream is not None:  # S_dense - (S - Y) - bias
+                target = reference - captured["stream"] + captured["y"]
             else:
-                target = captured["dense_y"]
-            b = (target[tokens][:, rows] - bias).double()
-            inputs_gram += x.T @ x
-            rhs += ((b @ weight) * x).sum(0)
-            energy += float(b.square().sum())
+                target = reference
+            b = (target[tokens][:, rows] - bias).float()  # (T, H)
+            inputs_gram += (x.T @ x).double()
+            rhs += ((b @ weight) * x).sum(0).double()
+            energy += float(b.double().square().sum())
     finally:
-        values.set(None)
         for hook in hooks:
             hook.remove()
     # C_u(t) = W_u x_tu, so C^T C = sum over each unit pair's (w x w) block of (X^T X) * (W^T W)
-    gram = (inputs_gram * weight_gram).view(n, width, n, width).sum((1, 3))
+    weight = weight.double()
+    gram = (inputs_gram * (weight.T @ weight)).view(n, width, n, width).sum((1, 3))
     sums = distributed.sum_(torch.cat([gram.flatten(), rhs.view(n, width).sum(1), rhs.new_tensor([energy])]))
     sums = sums.cpu()  # each rank summed over its rows of the batches
     return sums[:n * n].view(n, n), sums[n * n:-1], float(sums[-1])
