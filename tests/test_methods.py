@@ -61,8 +61,8 @@ def test_each_method_meets_budget_and_reloads_with_the_masked_logits(job, spy_cu
     assert 0.5 * 0.99 <= achieved <= 0.5
 
 
-def test_fast_vtrans_learns_from_the_requested_fraction(job, monkeypatch):
-    j = job("fast-vtrans", data_fraction=0.1, prune_epochs=1.0, recover_epochs=1.0)
+def loader_sizes(monkeypatch) -> list[tuple[float, int]]:
+    """From now on, every Job.loader call's (fraction, examples), in order."""
     sizes = []
     original = Job.loader
 
@@ -71,6 +71,12 @@ def test_fast_vtrans_learns_from_the_requested_fraction(job, monkeypatch):
         sizes.append((fraction, len(loader.dataset)))
         return loader
     monkeypatch.setattr(Job, "loader", recording_loader)
+    return sizes
+
+
+def test_fast_vtrans_learns_from_the_requested_fraction(job, monkeypatch):
+    j = job("fast-vtrans", data_fraction=0.1, prune_epochs=1.0, recover_epochs=1.0)
+    sizes = loader_sizes(monkeypatch)
     run(j)
     expected = len(stratified_indices(j.train.labels, 0.1, j.seed))
     assert sizes == [(0.1, expected)] and expected == 20  # 10% of 200 rows, 10 per label
@@ -91,14 +97,7 @@ def test_a_sampled_method_recovers_on_the_fraction_asked(job, monkeypatch):
     """--recover-fraction 1: a sampled variant's choice gets the recovery every other method gets (all the
     data), as the bench's METHOD+recover rows need to compare like for like."""
     j = job("faster-vtrans", data_fraction=0.1, prune_epochs=1.0, recover_epochs=1.0, recover_fraction=1.0)
-    sizes = []
-    original = Job.loader
-
-    def recording_loader(self, fraction=1.0):
-        loader = original(self, fraction)
-        sizes.append((fraction, len(loader.dataset)))
-        return loader
-    monkeypatch.setattr(Job, "loader", recording_loader)
+    sizes = loader_sizes(monkeypatch)
     outcome = run(j)
     assert sizes == [(0.1, 20), (1.0, 200)]
     recover_steps = [row["step"] for row in outcome.log if row.get("phase") == "recover"]
