@@ -1,7 +1,17 @@
 """Family adapters. `adapter_for(model)` picks the one for a model, by its config's model_type."""
 from __future__ import annotations
 
-from vtrans.arch.base import Adapter, Dims, Kept, MaskValues, detach_masks, unit_counts
+from vtrans.arch.base import (
+    Adapter,
+    Dims,
+    Kept,
+    MaskValues,
+    call_layer,
+    detach_masks,
+    layer_stream,
+    unit_counts,
+    with_stream,
+)
 from vtrans.arch.bert import BertAdapter
 from vtrans.arch.dinov2 import Dinov2Adapter
 from vtrans.arch.gpt2 import GPT2Adapter
@@ -26,5 +36,5 @@ def adapter_for(model) -> Adapter:
     return adapter_class_for(model.config.model_type)(model)
 
 
-__all__ = ["Adapter", "Dims", "Kept", "MaskValues", "adapter_for", "adapter_class_for", "detach_masks",
-           "SUPPORTED_MODEL_TYPES", "unit_counts"]
+__all__ = ["Adapter", "Dims", "Kept", "MaskValues", "adapter_for", "adapter_class_for", "call_layer", "detach_masks",
+           "layer_stream", "SUPPORTED_MODEL_TYPES", "unit_counts", "with_stream"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from vtrans.deploy.modeling_vtrans import (
     empty_block,
@@ -630,3 +631,26 @@ def _unit_rows(units: torch.Tensor, width: int, offset: int = 0) -> torch.Tensor
 def detach_masks(handles: list) -> None:
     for handle in handles:
         handle.remove()
+
+
+# -- replaying a transformer layer on stored inputs (OPTIN's trajectories, the least-squares rescaling) ------
+def layer_stream(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The residual stream a layer was called with: its first positional argument, or `hidden_states`."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_stream(args: tuple, kwargs: dict, stream: torch.Tensor | None) -> tuple[tuple, dict]:
+    """A layer call's arguments with the stream replaced (None: left out, to store the rest) and a decoder's
+    key/value cache left out: replays must not append to it (GPT-2 passes it by position, LLaMA by name)."""
+    args = tuple(None if isinstance(value, Cache) else value for value in args)
+    kwargs = {name: None if isinstance(value, Cache) else value for name, value in kwargs.items()}
+    if args:
+        return (stream, *args[1:]), kwargs
+    return args, kwargs | {"hidden_states": stream}
+
+
+def call_layer(layer: nn.Module, stream: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Layer `layer` called on `stream` with a recorded call's other arguments; the stream it gives back."""
+    args, kwargs = with_stream(args, kwargs, stream)
+    out = layer(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

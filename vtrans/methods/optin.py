@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache
 
 from vtrans import distributed
-from vtrans.arch import MaskValues, detach_masks
+from vtrans.arch import MaskValues, call_layer, detach_masks, layer_stream, with_stream
 from vtrans.data import Placed, example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
@@ -48,12 +47,6 @@ def _repeat(value, copies: int, batch: int):
     return value
 
 
-def _no_cache(value):
-    """None for a decoder's key/value cache: the layers are replayed many times here and must not append to it
-    (GPT-2 passes it by position, LLaMA by name)."""
-    return None if isinstance(value, Cache) else value
-
-
 @torch.no_grad()
 def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
     """Importance of every head and FFN neuron ({'heads': (L, n), 'ffn': (L, F)}); higher = keep."""
@@ -66,10 +59,10 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     batch.pop("labels", None)
     b = example_count(batch)
 
-    captured = {}  # each layer's call: (args, kwargs) of the dense forward
+    captured = {}  # each layer's call in the dense forward: (stream, args, kwargs without the stream)
 
     def capture(module, args, kwargs, i):
-        captured[i] = (tuple(map(_no_cache, args)), {k: _no_cache(v) for k, v in kwargs.items()})
+        captured[i] = (layer_stream(args, kwargs), *with_stream(args, kwargs, None))
 
     hooks = [layer.register_forward_pre_hook(functools.partial(capture, i=i), with_kwargs=True)
              for i, layer in enumerate(layers)]
@@ -96,19 +89,18 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
     progress = tqdm(total=len(chunks), desc=f"{job.method}: scoring units", dynamic_ncols=True)
     try:
         for i, group, units in chunks:
-            args, kwargs = captured[i]
+            stream, args, kwargs = captured[i]
             copies = len(units)
             z = {name: v.expand(copies * b, *v.shape[1:]).clone() for name, v in ones.items()}
             for c, unit in enumerate(units):
                 z[group][c * b:(c + 1) * b, i, unit] = 0
             values.set(z, ones["hidden"][0])
-            hidden = _repeat(args[0], copies, b)
-            rest = [_repeat(a, copies, b) for a in args[1:]]
+            hidden = _repeat(stream, copies, b)
+            rest = tuple(_repeat(a, copies, b) for a in args)
             named = {k: _repeat(v, copies, b) for k, v in kwargs.items()}
             distance = torch.zeros(copies * b, device=hidden.device)
             for j in range(i, dims.layers):
-                hidden = layers[j](hidden, *rest, **named)
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                hidden = call_layer(layers[j], hidden, rest, named)
                 gram = _token_gram(hidden, tokens.repeat(copies, 1, 1))
                 diff = (gram - reference_grams[j].repeat(copies, 1, 1)).square().sum((1, 2))
                 distance += diff / pairs.repeat(copies)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache
 
 from vtrans import distributed
-from vtrans.arch import Kept, MaskValues, detach_masks
+from vtrans.arch import Kept, MaskValues, call_layer, detach_masks, layer_stream, with_stream
 from vtrans.arch.base import weight_out_in
 from vtrans.data import token_mask
 from vtrans.methods.base import Job
@@ -145,14 +144,10 @@ class _Replay:
         def record(layer: int):
             def hook(module, args, kwargs):
                 if layer == 0:
-                    self.streams.append(args[0] if args else kwargs["hidden_states"])
+                    self.streams.append(layer_stream(args, kwargs))
                 if arguments is not None:  # only layer 0's input is needed
                     raise _LayerDone
-                # the stream is set at each call; a decoder's key/value cache would grow at every call: none
-                args = tuple(None if i == 0 or isinstance(value, Cache) else value for i, value in enumerate(args))
-                kwargs = {name: None if name == "hidden_states" or isinstance(value, Cache) else value
-                          for name, value in kwargs.items()}
-                self.arguments[layer].append((args, kwargs))
+                self.arguments[layer].append(with_stream(args, kwargs, None))  # the stream is set at each call
                 if layer == len(layers) - 1:
                     raise _LayerDone
             return hook
@@ -166,8 +161,7 @@ class _Replay:
                 except _LayerDone:
                     pass
         finally:
-            for hook in hooks:
-                hook.remove()
+            detach_masks(hooks)
 
     def _set_values(self) -> None:
         if self.values is not None:
@@ -180,12 +174,8 @@ class _Replay:
         module = self.adapter.layer_modules()[layer]
         for batch, stream, (args, kwargs) in zip(self.batches, self.streams, self.arguments[layer]):
             self._set_values()
-            if args:
-                args = (stream, *args[1:])
-            else:
-                kwargs = kwargs | {"hidden_states": stream}
             try:
-                module(*args, **kwargs)
+                call_layer(module, stream, args, kwargs)
             except _LayerDone:
                 pass
             yield batch
@@ -209,8 +199,7 @@ class _Replay:
                 for group in targets:
                     targets[group].append(captured[group])
         finally:
-            for hook in hooks:
-                hook.remove()
+            detach_masks(hooks)
         self.streams = streams
         return targets
 
@@ -266,8 +255,7 @@ def _normal_equations(student: _Replay, references: list[torch.Tensor], layer: i
             rhs += ((b @ weight) * x).sum(0).double()
             energy += float(b.double().square().sum())
     finally:
-        for hook in hooks:
-            hook.remove()
+        detach_masks(hooks)
     # C_u(t) = W_u x_tu, so C^T C = sum over each unit pair's (w x w) block of (X^T X) * (W^T W)
     weight = weight.double()
     gram = (inputs_gram * (weight.T @ weight)).view(n, width, n, width).sum((1, 3))
