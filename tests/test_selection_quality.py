@@ -100,6 +100,20 @@ def test_vib_expected_cost_follows_the_ramped_target(job):
     assert settled and all(r["kept_cost"] == settled[0]["kept_cost"] for r in settled)  # the set stays fixed
 
 
+def test_frozen_weights_settle_by_default_only_when_not_rescaled(job):
+    """The rescaling replaces the mu a settle phase learns: by default a rescaled run ends with its search."""
+    j = job("faster-vtrans", target="flops=0.4")
+    steps = 2 * len(j.loader())
+    for rescale in (True, False):
+        choice = vtrans_method.prune(j, VTransSettings(rescale=rescale), j.loader(), epochs=2.0, train_weights=False)
+        trained = [r for r in choice.log if r["phase"] == "prune"]
+        select = next(r for r in choice.log if r["phase"] == "select")
+        assert trained[-1]["step"] == steps - 1
+        assert any(r["settled"] for r in trained) != rescale
+        assert select["step"] == (steps if rescale else steps - int(0.25 * steps))
+        assert any(r["phase"] == "rescale" for r in choice.log) == rescale
+
+
 def test_a_block_stays_while_most_of_its_contents_are_kept(model_and_adapter):
     _, adapter = model_and_adapter
     shapes = adapter.dims().mask_shapes()

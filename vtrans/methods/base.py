@@ -96,10 +96,14 @@ class Method:
     sampled: bool = False
     trains: bool = False
     prunes_hidden: bool = True
+    epochs: float | None = None  # pruning epochs by default; None: 1, or SAMPLE_EPOCHS over a sample
 
     def prune_epochs(self, job: Job) -> float:
-        default = SAMPLE_EPOCHS if self.sampled else 1.0
-        return default if job.prune_epochs is None else job.prune_epochs
+        if job.prune_epochs is not None:
+            return job.prune_epochs
+        if self.epochs is not None:
+            return self.epochs
+        return SAMPLE_EPOCHS if self.sampled else 1.0
 
     def recover_epochs(self, job: Job) -> float:
         if job.recover_epochs is not None:
