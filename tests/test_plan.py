@@ -2,19 +2,21 @@
 import pytest
 from conftest import tiny_model, write_tiny_checkpoint
 
+from vtrans.arch import adapter_for
 from vtrans.cli import main
 from vtrans.plan import Lean, plan
 
 
 def test_plan_counts_the_real_parameters_and_orders_methods_by_what_they_hold(tmp_path):
     ckpt = write_tiny_checkpoint(tmp_path / "model", "gpt2-lm")
-    result = plan(str(ckpt), "params=0.5", ["vtrans", "faster-vtrans", "magnitude"], objective="lm", batch=4,
+    # a batch whose activations outweigh the least-squares rescaling's 512 examples (see the last test)
+    result = plan(str(ckpt), "params=0.5", ["vtrans", "faster-vtrans", "magnitude"], objective="lm", batch=64,
                   seq_len=16)
     assert result["dense"]["params"] == sum(p.numel() for p in tiny_model("gpt2-lm").parameters())
     assert result["budget"]["value"] == pytest.approx(0.5 * result["dense"]["params"])
     peak = result["peak_gb"]
     assert peak["vtrans"] > peak["faster-vtrans"] > peak["magnitude"]  # weights train > masks train > neither
-    longer = plan(str(ckpt), "params=0.5", ["vtrans"], objective="lm", batch=4, seq_len=32)["peak_gb"]["vtrans"]
+    longer = plan(str(ckpt), "params=0.5", ["vtrans"], objective="lm", batch=64, seq_len=32)["peak_gb"]["vtrans"]
     assert longer > peak["vtrans"]
 
 
@@ -41,3 +43,21 @@ def test_plan_refuses_unknown_methods_and_unreachable_targets(tmp_path, capsys):
     assert "--methods nonsense" in capsys.readouterr().err
     assert main(["plan", str(ckpt), "--target", "params=1G"]) == 2
     assert "larger than the dense model" in capsys.readouterr().err
+
+
+def test_plan_counts_the_rescalings_streams_where_a_method_rescales(tmp_path):
+    """The least-squares rescaling holds 512 examples' streams whatever the batch: with a batch of one they set
+    fisher's and faster-vtrans's peak, and neither vtrans's (it does not rescale) nor a share's per process."""
+    from vtrans.plan import RUNTIME_BYTES, rescale_bytes
+
+    ckpt = write_tiny_checkpoint(tmp_path / "model", "bert")
+    result = plan(str(ckpt), "flops=0.5", ["fisher", "faster-vtrans", "vtrans"], batch=1, seq_len=16)
+    params = result["dense"]["params"]
+    dims = adapter_for(tiny_model("bert")).dims()
+    streams = rescale_bytes(dims, 16, processes=1)
+    assert streams > 5 * 512 * 16 * dims.hidden * 4
+    for method in ("fisher", "faster-vtrans"):
+        assert result["peak_gb"][method] * 2**30 == pytest.approx(RUNTIME_BYTES + 2 * 4 * params + streams)
+    assert result["peak_gb"]["vtrans"] * 2**30 < RUNTIME_BYTES + 5 * 4 * params + streams / 2
+    shared = plan(str(ckpt), "flops=0.5", ["fisher"], batch=1, seq_len=16, lean=Lean(processes=2))["peak_gb"]
+    assert shared["fisher"] < result["peak_gb"]["fisher"]

@@ -19,6 +19,13 @@ Peak memory is an estimate, per process, of the largest things a run holds at on
                  where a language model's head reads all B x S tokens and a classifier's one per sequence
     OPTIN        forward only, but on its calibration sequences times the units it ablates per forward (8 x 32):
                  one layer's activations and the head's logits for that many sequences
+    rescale      the least-squares rescaling (methods/rescale.py: fisher, and faster-vtrans where the stream can
+                 be read), after training has let go of its activations: its 512 examples' residual streams,
+                 the process's share of them, at the current layer (the student's, the dense model's and the
+                 dense stream after each group's add) and the next while it advances: 5 x 512 x S x h floats;
+                 and one group's normal equations, the widest being the FFN's (n = f units; n = h for the
+                 heads): the units' inputs' Gram matrix and the weights' in float64 and their float32 product,
+                 20 n^2 bytes. A run's peak is the larger of this and training's activations and head.
 
 It leaves out the allocator's slack and short-lived copies, so a measured peak runs above it (see README).
 """
@@ -31,7 +38,9 @@ from accelerate import init_empty_weights
 from vtrans.arch import adapter_for
 from vtrans.budget import check_reachable, dense_cost, parse_target
 from vtrans.methods import METHODS
+from vtrans.methods import vtrans as vtrans_method
 from vtrans.methods.optin import OptinSettings
+from vtrans.methods.rescale import RescaleSettings
 from vtrans.objectives import objective_for
 from vtrans.teacher import load_config
 
@@ -47,10 +56,11 @@ class Estimate:
     training: float
     activations: float
     head: float
+    rescale: float = 0.0  # the least-squares rescaling's streams and normal equations, after training
 
     @property
     def peak(self) -> float:
-        return RUNTIME_BYTES + self.weights + self.training + self.activations + self.head
+        return RUNTIME_BYTES + self.weights + self.training + max(self.activations + self.head, self.rescale)
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,23 @@ class Lean:
     processes: int = 1  # data-parallel processes sharing the batch
 
 
+def rescales(method: str, adapter) -> bool:
+    """Whether `method`'s run ends with the least-squares rescaling by default."""
+    if method == "fisher":
+        return True
+    frozen = METHODS[method].choose is vtrans_method.choose_frozen
+    return frozen and vtrans_method.VTransSettings().rescales(train_weights=False, adapter=adapter)
+
+
+def rescale_bytes(dims, seq_len: int, processes: int) -> float:
+    examples = -(-RescaleSettings().samples // processes)
+    streams = 5 * examples * seq_len * dims.hidden * FLOAT
+    widest = max(dims.ffn, dims.heads * dims.query_group * dims.head_dim)  # the readers' input widths
+    return streams + 20 * widest * widest
+
+
 def estimate(method: str, params: float, dims, outputs: int, head_all_tokens: bool, batch: int,
-             seq_len: int, lean: Lean = Lean()) -> Estimate:
+             seq_len: int, lean: Lean = Lean(), rescale: bool = False) -> Estimate:
     trains = METHODS[method].trains
     backprop = method not in ("magnitude", "random", "optin")  # masks (or weights) get gradients
     batch = OPTIN_BATCH if method == "optin" else -(-batch // lean.processes)  # OPTIN scores on every process
@@ -76,7 +101,8 @@ def estimate(method: str, params: float, dims, outputs: int, head_all_tokens: bo
     student_bytes = FLOAT if trains else lean.frozen_bytes
     return Estimate(method=method, weights=(lean.frozen_bytes + student_bytes) * params,
                     training=3 * FLOAT * params if trains else 0.0, activations=activations,
-                    head=4 * head_tokens * outputs * FLOAT)
+                    head=4 * head_tokens * outputs * FLOAT,
+                    rescale=rescale_bytes(dims, seq_len, lean.processes) if rescale else 0.0)
 
 
 def plan(model: str, target: str, methods: list[str], objective: str = "classification", batch: int = 32,
@@ -97,6 +123,11 @@ def plan(model: str, target: str, methods: list[str], objective: str = "classifi
     dims = adapter.dims()
     head_all_tokens = adapter.traits.head_tokens == "all" and objective == "lm"
     outputs = adapter.head_outputs()
+    peak_gb = {}
+    for method in methods:
+        estimated = estimate(method, dense["params"], dims, outputs, head_all_tokens, batch, seq_len, lean,
+                             rescale=rescales(method, adapter))
+        peak_gb[method] = estimated.peak / 2**30
     return {
         "model": model,
         "target": target,
@@ -105,8 +136,7 @@ def plan(model: str, target: str, methods: list[str], objective: str = "classifi
         "dense": {"params": dense["params"], "flops": dense["flops"]},
         "budget": {"kind": budget.kind, "fraction": fraction, "value": fraction * dense[budget.kind]},
         "lean": vars(lean),
-        "peak_gb": {m: estimate(m, dense["params"], dims, outputs, head_all_tokens, batch, seq_len, lean).peak / 2**30
-                    for m in methods},
+        "peak_gb": peak_gb,
     }
 
 
