@@ -1,6 +1,7 @@
 """Vision families (ViT, DINOv2): a patch Conv2d, a CLS token and position vectors write the hidden dims (DINOv2
 adds LayerScale and a classifier over [CLS, mean patch]); the same invariants as every text family (cut =
 masked, cost = real parameters, reload with and without vtrans)."""
+import copy
 import json
 import re
 import shutil
@@ -10,14 +11,19 @@ import torch
 import transformers
 from conftest import random_kept, tiny_model
 from PIL import Image
+from test_methods import assert_each_fit_is_stationary
 from test_surgery import masked_logits, random_scale
 
 from vtrans import compress, load
 from vtrans.arch import adapter_for
-from vtrans.budget import exact_cost
+from vtrans.budget import exact_cost, parse_target
+from vtrans.data import Examples
 from vtrans.errors import UsageError
 from vtrans.images import load_images
+from vtrans.methods.base import Job
+from vtrans.methods.rescale import RescaleSettings, rescale
 from vtrans.objectives import objective_for
+from vtrans.objectives.image_classification import ImageClassification
 from vtrans.surgery import cut_model, masked_values, save
 from vtrans.training import TeacherOutputs
 
@@ -188,3 +194,43 @@ def test_a_datasets_image_dataset_is_read_by_its_image_and_label_columns(monkeyp
     monkeypatch.setattr("vtrans.images.read_dataset", lambda name, split: [{"pixels": pictures[0], "label": 0}])
     with pytest.raises(UsageError, match="needs an image \\(or img\\) column and a label column"):
         load_images("some/other-dataset")
+
+
+class RandomImages(Examples):
+    """Random pixels, one label: what a least-squares fit needs (inputs), nothing more."""
+
+    def __init__(self, count: int, side: int = 16):
+        self.pixels = torch.randn(count, 3, side, side, generator=torch.Generator().manual_seed(0))
+        self.strata = [0] * count
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, index):
+        return self.pixels[index]
+
+    def collate(self, items) -> dict:
+        return {"pixel_values": torch.stack(items), "labels": torch.zeros(len(items), dtype=torch.long)}
+
+
+def test_least_squares_values_minimise_the_stream_error_through_layerscale():
+    """DINOv2 scales each output by a LayerScale gamma before the add: the fit weighs each unit's contribution by
+    gamma, so at its values the stream error after every add is stationary (a fit blind to gamma, or of the
+    output alone, leaves a large gradient). LayerScale values spread over [0.1, 2] per dim, so it matters."""
+    teacher, adapter, _ = vit_model("dinov2")
+    generator = torch.Generator().manual_seed(1)
+    for path in adapter.layer_parts.output_scales:
+        for layer in adapter.layer_modules():
+            layer.get_parameter(path).data = 0.1 + 1.9 * torch.rand(VIT["hidden_size"], generator=generator)
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    student_adapter = adapter_for(student)
+    j = Job(method="fisher", model=student, adapter=student_adapter, teacher=teacher,
+            budget=parse_target("flops=0.5", 17), train=RandomImages(48), batch_size=16,
+            objective=ImageClassification())
+    kept = random_kept(student_adapter, drop_blocks=False)
+    kept.hidden = list(range(VIT["hidden_size"]))
+    assert student_adapter.output_scale(0, "heads") is not None
+    scale, log = rescale(j, kept, RescaleSettings(samples=48), loader=j.loader())
+    assert sum(row["rescaled"] for row in log) >= len(log) - 1, log
+    assert_each_fit_is_stationary(j, kept, scale, log, j.loader())

@@ -92,8 +92,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                             "when the weights are frozen and not rescaled, else 0)")
     masks.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=DEFAULTS.rescale,
                        help="set the kept units' values by least squares at the end, each layer's to reproduce the "
-                            "dense model's residual stream (default: when the weights are frozen, in families whose "
-                            "stream can be read: all but DINOv2; fisher always does)")
+                            "dense model's residual stream (default: when the weights are frozen; fisher always does)")
     masks.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight,
                        help="weight per unit of the VIB KL (default: 1e-6)")
     masks.add_argument("--mask-temperature", type=float, default=DEFAULTS.mask_temperature,

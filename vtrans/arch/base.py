@@ -83,6 +83,9 @@ class LayerParts:
     norms: tuple[str, ...]
     mlp: str | None = None  # replaced by `EmptyBlock` when the layer keeps no neurons (None: never needed)
     vectors: tuple[str, ...] = ()  # parameters whose last axis is the hidden width (DINOv2's LayerScale)
+    # per-dim scales of the attention's and the FFN's outputs on their way to the residual stream (LayerScale;
+    # also in `vectors`), in that order; () where the outputs are added as they are
+    output_scales: tuple[str, ...] = ()
 
 
 @dataclass
@@ -322,12 +325,20 @@ class Adapter:
     def residual_norm(self, layer: int, group: str) -> nn.Module | None:
         """The norm whose input is the residual stream just after `layer`'s attention output ("heads") or FFN
         output ("ffn") is added to it. In forward order every add is followed by the next norm: post-norm, the
-        add's own; pre-norm, the next sublayer's (or the final norm). None where an output is scaled on its way
-        to the stream (LayerScale) or the norms do not follow that pattern."""
+        add's own; pre-norm, the next sublayer's (or the final norm). None where the norms do not follow that
+        pattern."""
         norms = self.norms()
-        if self.layer_parts.vectors or len(norms) != 2 * self.dims().layers + 1:
+        if len(norms) != 2 * self.dims().layers + 1:
             return None
         return norms[1 + 2 * layer + (group == "ffn")]
+
+    def output_scale(self, layer: int, group: str) -> torch.Tensor | None:
+        """The per-dim scale on `layer`'s attention ("heads") or FFN ("ffn") output before it is added to the
+        residual stream (LayerScale), or None where the output is added as it is."""
+        if not self.layer_parts.output_scales:
+            return None
+        path = self.layer_parts.output_scales[group == "ffn"]
+        return self.layer_modules()[layer].get_parameter(path).detach()
 
     def head_outputs(self) -> int:
         """The outputs of the head's last linear: labels, vocabulary, or a bare encoder's width (0: no head)."""

@@ -18,6 +18,7 @@ class Dinov2Adapter(ViTAdapter):
         ViTAdapter.layer_parts,
         norms=("norm1", "norm2"),
         vectors=("layer_scale1.lambda1", "layer_scale2.lambda1"),
+        output_scales=("layer_scale1.lambda1", "layer_scale2.lambda1"),
     )
     layers_path = "encoder.layer"
     embedding_vectors = ("embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings")

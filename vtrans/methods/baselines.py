@@ -18,10 +18,8 @@ from vtrans.arch.base import weight_out_in
 from vtrans.budget import Selection, select_kept
 from vtrans.data import example_count
 from vtrans.methods.base import Choice, Job
-from vtrans.methods.rescale import RescaleSettings, rescale
+from vtrans.methods.rescale import GROUPS, RescaleSettings, rescale
 from vtrans.methods.search import keep_structure_of, score_log, search_kept
-
-GROUPS = ("heads", "ffn")
 
 
 def choose_random(job: Job, *_) -> Choice:

@@ -3,8 +3,9 @@
 Layer by layer, heads then neurons, the kept units' mask values are set by least squares so that the residual
 stream just after the layer's output is added matches the dense model's, given the pruned model's own residual
 (earlier layers already rescaled): the fit compensates the drift earlier pruned layers leave in the stream.
-Where a family's stream cannot be read there (`Adapter.residual_norm`: DINOv2's LayerScale scales each output
-before the add), the layer's output alone is fitted. The values are folded into the kept units at the cut.
+Where a LayerScale scales each output before the add (DINOv2), the fit weighs each unit's contribution as it
+reaches the stream; where a family's stream cannot be read (`Adapter.residual_norm`), the layer's output alone
+is fitted. The values are folded into the kept units at the cut.
 
 Used after the Fisher baseline's choice and, by default, Faster-VTrans's (frozen weights: nothing else
 adapts the kept units to their lost neighbours). Measured on MiniLM at flops=0.4 (seed 0): fisher 81.44%
@@ -26,7 +27,7 @@ from vtrans.data import token_mask
 from vtrans.methods.base import Job
 from vtrans.surgery import indicators
 
-GROUPS = ("heads", "ffn")
+GROUPS = ("heads", "ffn")  # the unit groups inside a layer, each read by one linear
 
 
 @dataclass
@@ -220,12 +221,15 @@ def _normal_equations(student: _Replay, references: list[torch.Tensor], layer: i
                       units: torch.Tensor):
     """Accumulate, over the batches, the least-squares system for the kept units' mask values m:
     minimise sum_t |sum_u m_u C_u(t) - b_t|^2 over real tokens t, where C_u(t) is unit u's contribution to the
-    reader's output. As Kwon et al., b makes the residual stream after the add match the dense model's:
-    b = S_dense - R - bias, with S the stream after the add (the input of the next norm) and R the pruned
-    model's residual (S - Y, Y the reader's output at plain values). Where the stream cannot be read
-    (Adapter.residual_norm), b = Y_dense - bias: the reader's output alone. `references`: per batch, S_dense
-    or Y_dense (`_Replay.advance`). Returns (C^T C, C^T b, b^T b)."""
+    reader's output as it reaches the stream. As Kwon et al., b makes the residual stream after the add match
+    the dense model's: b = S_dense - R - bias, with S the stream after the add (the input of the next norm) and
+    R the pruned model's residual (S - Y, Y the reader's output at plain values). Where a LayerScale gamma
+    scales the output before the add (Adapter.output_scale), the stream gets gamma * (W x + bias): C_u and the
+    bias are scaled by gamma and R = S - gamma Y. Where the stream cannot be read (Adapter.residual_norm),
+    b = gamma (Y_dense - bias): the reader's output alone. `references`: per batch, S_dense or Y_dense
+    (`_Replay.advance`). Returns (C^T C, C^T b, b^T b)."""
     _, reader, width = student.adapter.unit_linears(layer)[group]
+    gamma = student.adapter.output_scale(layer, group)  # LayerScale: the stream gets gamma * (W x + bias)
     captured = {}
     stream = student.stream_hook(layer, group, captured, "stream")  # read the stream after the add, then stop
     hooks = [reader.register_forward_pre_hook(_input_into(captured, "x")),
@@ -238,6 +242,8 @@ def _normal_equations(student: _Replay, references: list[torch.Tensor], layer: i
     weight = weight_out_in(reader)[rows]
     weight = weight.reshape(weight.shape[0], -1, width)[:, units].flatten(1).float()  # (H, n*w)
     bias = reader.bias[rows] if reader.bias is not None else 0
+    gamma = gamma[rows].float() if gamma is not None else torch.ones(len(rows), device=weight.device)
+    weight = gamma.unsqueeze(1) * weight  # each unit's contribution as it reaches the stream
     # each batch's products in float32 (half the time of float64), summed over batches in float64
     inputs_gram = weight.new_zeros(n * width, n * width, dtype=torch.float64)
     rhs, energy = weight.new_zeros(n * width, dtype=torch.float64), 0.0
@@ -246,11 +252,11 @@ def _normal_equations(student: _Replay, references: list[torch.Tensor], layer: i
             tokens = token_mask(batch, captured["x"].shape[:2]).bool()
             # the kept units' values are still 1 here, so the reader's input holds their plain activations
             x = captured["x"][tokens].unflatten(-1, (-1, width))[:, units].flatten(1).float()  # (T, n*w)
-            if stream is not None:  # S_dense - (S - Y) - bias
-                target = reference - captured["stream"] + captured["y"]
-            else:
-                target = reference
-            b = (target[tokens][:, rows] - bias).float()  # (T, H)
+            if stream is not None:  # S_dense - (S - gamma Y) - gamma bias
+                b = (reference - captured["stream"])[tokens][:, rows] + gamma * (captured["y"][tokens][:, rows] - bias)
+            else:  # gamma (Y_dense - bias): the reader's output, weighted as it reaches the stream
+                b = gamma * (reference[tokens][:, rows] - bias)
+            b = b.float()  # (T, H)
             inputs_gram += (x.T @ x).double()
             rhs += ((b @ weight) * x).sum(0).double()
             energy += float(b.double().square().sum())
