@@ -101,8 +101,9 @@ def test_vib_expected_cost_follows_the_ramped_target(job):
 
 
 def test_frozen_weights_settle_by_default_only_when_not_rescaled(job):
-    """The rescaling replaces the mu a settle phase learns: by default a rescaled run ends with its search."""
-    j = job("faster-vtrans", target="flops=0.4")
+    """The rescaling replaces the mu a settle phase learns: by default a rescaled run with the hidden width fixed
+    (as faster-vtrans's) ends with its search; one that prunes the hidden width settles (its mu is kept)."""
+    j = job("faster-vtrans", target="flops=0.4", prunes_hidden=False)
     steps = 2 * len(j.loader())
     for rescale in (True, False):
         choice = vtrans_method.prune(j, VTransSettings(rescale=rescale), j.loader(), epochs=2.0, train_weights=False)
@@ -112,6 +113,9 @@ def test_frozen_weights_settle_by_default_only_when_not_rescaled(job):
         assert any(r["settled"] for r in trained) != rescale
         assert select["step"] == (steps if rescale else steps - int(0.25 * steps))
         assert any(r["phase"] == "rescale" for r in choice.log) == rescale
+    j.prunes_hidden = True
+    choice = vtrans_method.prune(j, VTransSettings(rescale=True), j.loader(), epochs=2.0, train_weights=False)
+    assert any(r["settled"] for r in choice.log if r["phase"] == "prune")
 
 
 def test_a_block_stays_while_most_of_its_contents_are_kept(model_and_adapter):

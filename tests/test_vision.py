@@ -229,7 +229,6 @@ def test_least_squares_values_minimise_the_stream_error_through_layerscale():
             budget=parse_target("flops=0.5", 17), train=RandomImages(48), batch_size=16,
             objective=ImageClassification())
     kept = random_kept(student_adapter, drop_blocks=False)
-    kept.hidden = list(range(VIT["hidden_size"]))
     assert student_adapter.output_scale(0, "heads") is not None
     scale, log = rescale(j, kept, RescaleSettings(samples=48), loader=j.loader())
     assert sum(row["rescaled"] for row in log) >= len(log) - 1, log

@@ -19,13 +19,14 @@ Peak memory is an estimate, per process, of the largest things a run holds at on
                  where a language model's head reads all B x S tokens and a classifier's one per sequence
     OPTIN        forward only, but on its calibration sequences times the units it ablates per forward (8 x 32):
                  one layer's activations and the head's logits for that many sequences
-    rescale      the least-squares rescaling (methods/rescale.py: fisher, and faster-vtrans where the stream can
-                 be read), after training has let go of its activations: its 512 examples' residual streams,
-                 the process's share of them, at the current layer (the student's, the dense model's and the
-                 dense stream after each group's add) and the next while it advances: 5 x 512 x S x h floats;
-                 and one group's normal equations, the widest being the FFN's (n = f units; n = h for the
-                 heads): the units' inputs' Gram matrix and the weights' in float64 and their float32 product,
-                 20 n^2 bytes. A run's peak is the larger of this and training's activations and head.
+    rescale      the least-squares rescaling (methods/rescale.py: fisher, and faster-vtrans), after training has
+                 let go of its activations: its 512 examples' residual streams, the process's share of them, at
+                 the current layer (the student's, the dense model's and the dense stream after each group's
+                 add) and the next while it advances: 5 x 512 x S x h floats; the layers' recorded attention
+                 masks, at most 512 x S x S floats; and one group's normal equations, the widest being the
+                 FFN's (n = f units; n = query heads x head width for the heads): the units' inputs' Gram
+                 matrix, the weights' and their product in float64, 24 n^2 bytes. A run's peak is the larger
+                 of this and training's activations and head.
 
 It leaves out the allocator's slack and short-lived copies, so a measured peak runs above it (see README).
 """
@@ -56,7 +57,7 @@ class Estimate:
     training: float
     activations: float
     head: float
-    rescale: float = 0.0  # the least-squares rescaling's streams and normal equations, after training
+    rescale: float = 0.0  # the least-squares rescaling's stored streams and normal equations, after training
 
     @property
     def peak(self) -> float:
@@ -72,7 +73,7 @@ class Lean:
     processes: int = 1  # data-parallel processes sharing the batch
 
 
-def rescales(method: str, adapter) -> bool:
+def rescales_by_default(method: str, adapter) -> bool:
     """Whether `method`'s run ends with the least-squares rescaling by default."""
     if method == "fisher":
         return True
@@ -83,12 +84,13 @@ def rescales(method: str, adapter) -> bool:
 def rescale_bytes(dims, seq_len: int, processes: int) -> float:
     examples = -(-RescaleSettings().samples // processes)
     streams = 5 * examples * seq_len * dims.hidden * FLOAT
+    attention_masks = examples * seq_len * seq_len * FLOAT
     widest = max(dims.ffn, dims.heads * dims.query_group * dims.head_dim)  # the readers' input widths
-    return streams + 20 * widest * widest
+    return streams + attention_masks + 24 * widest * widest
 
 
 def estimate(method: str, params: float, dims, outputs: int, head_all_tokens: bool, batch: int,
-             seq_len: int, lean: Lean = Lean(), rescale: bool = False) -> Estimate:
+             seq_len: int, lean: Lean = Lean(), rescales: bool = False) -> Estimate:
     trains = METHODS[method].trains
     backprop = method not in ("magnitude", "random", "optin")  # masks (or weights) get gradients
     batch = OPTIN_BATCH if method == "optin" else -(-batch // lean.processes)  # OPTIN scores on every process
@@ -102,7 +104,7 @@ def estimate(method: str, params: float, dims, outputs: int, head_all_tokens: bo
     return Estimate(method=method, weights=(lean.frozen_bytes + student_bytes) * params,
                     training=3 * FLOAT * params if trains else 0.0, activations=activations,
                     head=4 * head_tokens * outputs * FLOAT,
-                    rescale=rescale_bytes(dims, seq_len, lean.processes) if rescale else 0.0)
+                    rescale=rescale_bytes(dims, seq_len, lean.processes) if rescales else 0.0)
 
 
 def plan(model: str, target: str, methods: list[str], objective: str = "classification", batch: int = 32,
@@ -126,7 +128,7 @@ def plan(model: str, target: str, methods: list[str], objective: str = "classifi
     peak_gb = {}
     for method in methods:
         estimated = estimate(method, dense["params"], dims, outputs, head_all_tokens, batch, seq_len, lean,
-                             rescale=rescales(method, adapter))
+                             rescales=rescales_by_default(method, adapter))
         peak_gb[method] = estimated.peak / 2**30
     return {
         "model": model,

@@ -24,7 +24,7 @@ from vtrans.training import TeacherOutputs, distill, steps_for
 if TYPE_CHECKING:
     from vtrans.methods.vtrans import VTransSettings
 
-SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast and faster variants): a sample is small
+SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast-vtrans; see FASTER_VTRANS_EPOCHS): a sample is small
 SAMPLE_TEACHER_BYTES = 1 << 30  # teacher outputs remembered for a sample (343 MiniLM examples: ~0.1 GB)
 
 

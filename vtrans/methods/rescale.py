@@ -93,6 +93,7 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
                             "error_before": _squared_error(ones, gram, rhs, target_energy),
                             "error_after": _squared_error(solution, gram, rhs, target_energy)})
                 scale[group][i, units] = solution.float()
+            del references  # before the next layer's are made: at most 5 sets of streams are held at once
             if i + 1 < dims.layers:
                 student.advance(i)
     finally:

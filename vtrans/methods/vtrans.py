@@ -102,11 +102,13 @@ class VTransSettings:
             return self.mask_lr
         return min(0.1, max(0.01, 4.0 / ramp_steps))
 
-    def settle_share(self, train_weights: bool, rescales: bool) -> float:
-        """By default only frozen weights settle, and only without the rescaling: it replaces the mu they learn."""
+    def settle_share(self, train_weights: bool, replaced: bool) -> float:
+        """By default only frozen weights settle, and only where what settling learns is not `replaced` (by the
+        rescaling, with the hidden width fixed: the fit replaces the heads' and neurons' mu, blocks fold in as
+        0/1, and only a pruned hidden width would keep its settled mu)."""
         if self.settle is not None:
             return self.settle
-        return 0.25 if not train_weights and not rescales else 0.0
+        return 0.25 if not train_weights and not replaced else 0.0
 
     def rescales(self, train_weights: bool, adapter) -> bool:
         """By default with frozen weights, where the family's residual stream can be read (Adapter.residual_norm,
@@ -216,16 +218,18 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
 
 def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weights: bool = True,
           state: dict | None = None, teacher: TeacherOutputs | None = None) -> Choice:
-    """Train VIB masks (and the weights, unless frozen) under the Lagrangian, then settle; return the kept set
-    meeting the budget, the mu of every unit, and the training log. `state`, from a checkpoint, resumes;
-    `teacher` may remember the teacher's outputs across epochs."""
+    """Train VIB masks (and the weights, unless frozen) under the Lagrangian, then settle (see settle_share) and,
+    if it rescales, fit the kept units' values; return the kept set meeting the budget, the values to fold in
+    and the training log. `state`, from a checkpoint, resumes; `teacher` may remember the teacher's outputs
+    across epochs."""
     teacher = teacher or TeacherOutputs(job.teacher, job.objective, max_bytes=0)
     model, adapter, budget = job.model, job.adapter, job.budget
     dense = dense_cost(adapter, budget.seq_len)
     target = budget.fraction(dense)
     steps = steps_for(epochs, loader)
     rescales = settings.rescales(train_weights, adapter)
-    search_steps = max(1, steps - int(settings.settle_share(train_weights, rescales) * steps))
+    replaced = rescales and not job.prunes_hidden
+    search_steps = max(1, steps - int(settings.settle_share(train_weights, replaced) * steps))
     ramp_steps = max(1, int(settings.ramp * search_steps))
     if settings.mask_init not in MASK_INITS:
         raise ValueError(f"mask_init {settings.mask_init!r}: choose one of {', '.join(MASK_INITS)}")
@@ -287,8 +291,9 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     kept = kept_from_keep(settled)
     mu = {name: m.mu.detach().clone() for name, m in masks.groups.items()}
     if rescales:  # the heads' and neurons' values by least squares, replacing mu
-        # on the method's own examples: a sampled variant learns from its sample alone
-        scale, rescale_log = rescale(job, kept, hidden=mu["hidden"], loader=loader)
+        # on the method's own examples (a sampled variant learns from its sample alone), in an order of their
+        # own: the training loader's next shuffle depends on how many epochs ran
+        scale, rescale_log = rescale(job, kept, hidden=mu["hidden"], loader=_own_order(job, loader))
         return Choice(kept=kept, scale=scale, log=log + rescale_log)
     return Choice(kept=kept, scale=mu, log=log)
 
