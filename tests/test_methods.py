@@ -211,6 +211,24 @@ def test_fisher_rescaling_lowers_every_layer_reconstruction_error(job):
     assert all(t < p for t, p in zip(tuned, plain)), (tuned, plain)
 
 
+def test_an_unusable_fit_keeps_trained_values_only_where_they_reproduce_the_stream_better(job):
+    """A fit whose values leave [-max_scale, max_scale] is not used: the group keeps the method's trained values
+    if they make the stream error smaller than plain 1s (measured on DINOv2 at flops=0.4: falling back to 1s
+    where faster-vtrans had trained mu lost 30 points), else 1s."""
+    j = job("fisher")
+    kept = baselines.search_kept(j.adapter, j.budget, baselines.fisher_scores(j, j.sample_loader(64)))
+    fitted, _ = rescale(j, kept, RescaleSettings(samples=64))
+    never_usable = RescaleSettings(samples=64, max_scale=0.0)
+    for trained, expected in ((fitted, "trained"), ({name: 50 * value for name, value in fitted.items()}, "plain")):
+        scale, log = rescale(j, kept, never_usable, trained={group: trained[group] for group in ("heads", "ffn")})
+        assert {row["values"] for row in log} == {expected}, log
+        assert all(not row["rescaled"] for row in log)
+        for group in ("heads", "ffn"):
+            kept_units = scale[group] != 0
+            want = fitted[group] if expected == "trained" else torch.ones_like(fitted[group])
+            assert torch.allclose(scale[group][kept_units], want[kept_units], atol=1e-6)
+
+
 def stream_errors(j, kept, scale, batch) -> list[float]:
     """Squared error, on real tokens, of the residual stream just after every attention and FFN output is added
     (the input of the norm that follows) against the dense model's."""
@@ -300,7 +318,8 @@ def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):
             totals[rescales] = totals[rescales] + torch.tensor(stream_errors(j, kept, run_.scale, batch))
     assert totals[True].sum() < totals[False].sum(), totals  # per layer, mu's other inputs may do better
     # what it folds is this fit, on its sample (the hidden dims keep their values: here, unlike in `run`, they train)
-    fitted, _ = rescale(j, kept, hidden=runs[True].scale["hidden"], loader=j.loader(0.5))
+    # (both trained alike, so the unrescaled run's values are the mu the rescaled one fell back to where unusable)
+    fitted, _ = rescale(j, kept, trained=runs[False].scale, loader=j.loader(0.5))
     assert all(torch.allclose(fitted[group], runs[True].scale[group], atol=1e-5) for group in ("heads", "ffn"))
 
 

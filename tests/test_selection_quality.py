@@ -100,18 +100,20 @@ def test_vib_expected_cost_follows_the_ramped_target(job):
     assert settled and all(r["kept_cost"] == settled[0]["kept_cost"] for r in settled)  # the set stays fixed
 
 
-def test_frozen_weights_settle_by_default_only_when_not_rescaled(job):
+def test_frozen_weights_skip_the_settle_steps_when_the_rescaling_replaces_them(job):
     """The rescaling replaces the mu a settle phase learns: by default a rescaled run with the hidden width fixed
-    (as faster-vtrans's) ends with its search; one that prunes the hidden width settles (its mu is kept)."""
+    (as faster-vtrans's) ends with its search, the same search; one that prunes the hidden width settles (its
+    mu is kept), as does one not rescaled."""
     j = job("faster-vtrans", target="flops=0.4", prunes_hidden=False)
     steps = 2 * len(j.loader())
+    search = steps - int(0.25 * steps)
     for rescale in (True, False):
         choice = vtrans_method.prune(j, VTransSettings(rescale=rescale), j.loader(), epochs=2.0, train_weights=False)
         trained = [r for r in choice.log if r["phase"] == "prune"]
         select = next(r for r in choice.log if r["phase"] == "select")
-        assert trained[-1]["step"] == steps - 1
+        assert select["step"] == search
+        assert trained[-1]["step"] == (search - 1 if rescale else steps - 1)
         assert any(r["settled"] for r in trained) != rescale
-        assert select["step"] == (steps if rescale else steps - int(0.25 * steps))
         assert any(r["phase"] == "rescale" for r in choice.log) == rescale
     j.prunes_hidden = True
     choice = vtrans_method.prune(j, VTransSettings(rescale=True), j.loader(), epochs=2.0, train_weights=False)

@@ -45,7 +45,7 @@ class Options:
     holdout: float = DEFAULT_HOLDOUT  # share of DATA held out for evaluation when no eval_data is given
     teacher_epochs: float = 1.0
     teacher_lr: float = 5e-5
-    prune_epochs: float | None = None  # None: the method's default (1 epoch; 10 over a sample, 7.5 for faster-vtrans)
+    prune_epochs: float | None = None  # None: the method's default (1 epoch; 10 over a sample)
     # distillation into the cut model, the same for every method; None: as prune_epochs for vtrans and
     # fast-vtrans, none for faster-vtrans and the one-shot methods
     recover_epochs: float | None = None

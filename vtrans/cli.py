@@ -51,8 +51,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-lr", type=float, default=DEFAULTS.teacher_lr,
                         help=f"learning rate of that fine-tuning (default: {DEFAULTS.teacher_lr:g})")
     parser.add_argument("--prune-epochs", type=float, default=DEFAULTS.prune_epochs,
-                        help="epochs of mask training (default: 1; over the sample, 10 for fast-vtrans and "
-                             "7.5 for faster-vtrans)")
+                        help="epochs of mask training (default: 1; 10 over the sample for fast/faster-vtrans)")
     parser.add_argument("--recover-epochs", type=float, default=DEFAULTS.recover_epochs,
                         help="epochs of distillation into the cut model, any method (default: as --prune-epochs "
                              "for vtrans and fast-vtrans; 0 for faster-vtrans and the one-shot methods)")
@@ -89,10 +88,11 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                        help="share of the mask search over which the target falls to the budget (default: 0.5)")
     masks.add_argument("--settle", type=float, default=DEFAULTS.settle,
                        help="share of pruning with the kept set fixed and deterministic masks (default: 0.25 "
-                            "when the weights are frozen and not rescaled, else 0)")
+                            "when the weights are frozen, else 0; skipped where --rescale replaces what it learns)")
     masks.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=DEFAULTS.rescale,
                        help="set the kept units' values by least squares at the end, each layer's to reproduce the "
-                            "dense model's residual stream (default: when the weights are frozen; fisher always does)")
+                            "dense model's residual stream (default: when the weights are frozen, but not through "
+                            "DINOv2's LayerScale; fisher always does)")
     masks.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight,
                        help="weight per unit of the VIB KL (default: 1e-6)")
     masks.add_argument("--mask-temperature", type=float, default=DEFAULTS.mask_temperature,

@@ -3,14 +3,10 @@ from vtrans.methods import baselines, optin, vtrans
 from vtrans.methods.base import Job, Method, Outcome
 from vtrans.methods.base import run as _run
 
-# Faster-VTrans's mask search: 7.5 epochs over the sample is the search it ran when its 10 epochs ended with a
-# quarter settling mu on the fixed kept set, which the least-squares rescaling then replaced (methods/vtrans.py)
-FASTER_VTRANS_EPOCHS = 7.5
-
 METHODS = {
     "vtrans": Method(vtrans.choose_trained, trains=True),
     "fast-vtrans": Method(vtrans.choose_trained, sampled=True, trains=True),
-    "faster-vtrans": Method(vtrans.choose_frozen, sampled=True, prunes_hidden=False, epochs=FASTER_VTRANS_EPOCHS),
+    "faster-vtrans": Method(vtrans.choose_frozen, sampled=True, prunes_hidden=False),
     "optin": Method(optin.choose, prunes_hidden=False),
     "random": Method(baselines.choose_random, prunes_hidden=False),
     "magnitude": Method(baselines.choose_magnitude, prunes_hidden=False),

@@ -24,7 +24,7 @@ from vtrans.training import TeacherOutputs, distill, steps_for
 if TYPE_CHECKING:
     from vtrans.methods.vtrans import VTransSettings
 
-SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast-vtrans; see FASTER_VTRANS_EPOCHS): a sample is small
+SAMPLE_EPOCHS = 10.0  # default epochs over a data sample (fast and faster variants): a sample is small
 SAMPLE_TEACHER_BYTES = 1 << 30  # teacher outputs remembered for a sample (343 MiniLM examples: ~0.1 GB)
 
 
@@ -96,14 +96,10 @@ class Method:
     sampled: bool = False
     trains: bool = False
     prunes_hidden: bool = True
-    epochs: float | None = None  # pruning epochs by default; None: 1, or SAMPLE_EPOCHS over a sample
 
     def prune_epochs(self, job: Job) -> float:
-        if job.prune_epochs is not None:
-            return job.prune_epochs
-        if self.epochs is not None:
-            return self.epochs
-        return SAMPLE_EPOCHS if self.sampled else 1.0
+        default = SAMPLE_EPOCHS if self.sampled else 1.0
+        return default if job.prune_epochs is None else job.prune_epochs
 
     def recover_epochs(self, job: Job) -> float:
         if job.recover_epochs is not None:

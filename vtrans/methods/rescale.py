@@ -43,12 +43,14 @@ class _LayerDone(Exception):
 
 
 @torch.no_grad()
-def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidden: torch.Tensor | None = None,
-            loader=None) -> tuple[dict[str, torch.Tensor], list]:
+def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None,
+            trained: dict[str, torch.Tensor] | None = None, loader=None) -> tuple[dict[str, torch.Tensor], list]:
     """Mask values of every unit (0 for dropped ones) for `cut_model`, and per layer and group the squared
-    reconstruction error before (every kept unit at 1) and after. `hidden`: the hidden dims' values (a trained
-    mu), kept as they are (1 by default); a block needs none: its units' values absorb its scale. `loader`: the
-    examples to fit on, its first `settings.samples` (default: a sample of that many training examples).
+    reconstruction error before (every kept unit at 1) and after. `trained`: values a method learnt (its mu),
+    by group: the hidden dims keep theirs (1 by default); where a group's fit is unusable, its units take
+    theirs if they reproduce the stream better than plain 1s. A block needs none: its units' values absorb its
+    scale. `loader`: the examples to fit on, its first `settings.samples` (default: a sample of that many
+    training examples).
 
     The student runs once, recording each layer's arguments and layer 0's input (the dense model records that
     input); after that each layer is replayed on its input streams (as SliceGPT does), so every fit costs a few
@@ -63,9 +65,10 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
     # at most `samples` examples (the same number of batches on every rank): the inputs stay in memory
     batches = [{name: value for name, value in batch.items() if name != "labels"}
                for batch in itertools.islice(loader, math.ceil(settings.samples / job.batch_size))]
+    trained = trained or {}
     scale = indicators(kept, dims)
-    if hidden is not None:
-        scale["hidden"] = scale["hidden"] * hidden
+    if "hidden" in trained:
+        scale["hidden"] = scale["hidden"] * trained["hidden"]
     values = MaskValues()
     handles = adapter.attach_masks(values)
     log = []
@@ -83,15 +86,20 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
                 units = torch.tensor(kept.heads[i] if group == "heads" else kept.ffn[i], dtype=torch.long)
                 if len(units) == 0:
                     continue
-                gram, rhs, target_energy = _normal_equations(student, references[group], i, group, units)
+                system = _normal_equations(student, references[group], i, group, units)  # C^T C, C^T b, b^T b
+                gram, rhs, _ = system
                 damping = settings.ridge * gram.diagonal().mean() * torch.eye(len(units), dtype=gram.dtype)
                 solution = torch.linalg.solve(gram + damping, rhs)
                 ones = torch.ones_like(solution)
-                usable = bool(solution.abs().max() <= settings.max_scale)  # else ill-posed: keep the plain units
-                solution = solution if usable else ones
-                log.append({"phase": "rescale", "layer": i, "group": group, "rescaled": usable,
-                            "error_before": _squared_error(ones, gram, rhs, target_energy),
-                            "error_after": _squared_error(solution, gram, rhs, target_energy)})
+                usable = bool(solution.abs().max() <= settings.max_scale)  # else ill-posed: not used
+                source = "least squares"
+                if not usable:  # the trained values where they reproduce the stream better, else 1s (Kwon et al.)
+                    learnt = trained[group][i, units].to(ones) if group in trained else ones
+                    better = _squared_error(learnt, system) < _squared_error(ones, system)
+                    solution, source = (learnt, "trained") if better else (ones, "plain")
+                log.append({"phase": "rescale", "layer": i, "group": group, "rescaled": usable, "values": source,
+                            "error_before": _squared_error(ones, system),
+                            "error_after": _squared_error(solution, system)})
                 scale[group][i, units] = solution.float()
             del references  # before the next layer's are made: at most 5 sets of streams are held at once
             if i + 1 < dims.layers:
@@ -104,8 +112,9 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None, hidde
     return scale, log
 
 
-def _squared_error(m: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor, energy: float) -> float:
+def _squared_error(m: torch.Tensor, system: tuple[torch.Tensor, torch.Tensor, float]) -> float:
     """|C m - b|^2 from the normal equations' pieces C^T C, C^T b and b^T b (an exact fit's may round below 0)."""
+    gram, rhs, energy = system
     return max(0.0, float(energy - 2 * m @ rhs + m @ gram @ m))
 
 
