@@ -223,7 +223,7 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
 
 def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weights: bool = True,
           state: dict | None = None, teacher: TeacherOutputs | None = None) -> Choice:
-    """Train VIB masks (and the weights, unless frozen) under the Lagrangian, then settle (see settle_share) and,
+    """Train VIB masks (and the weights, unless frozen) under the Lagrangian, then settle (see runs_settle) and,
     if it rescales, fit the kept units' values; return the kept set meeting the budget, the values to fold in
     and the training log. `state`, from a checkpoint, resumes; `teacher` may remember the teacher's outputs
     across epochs."""
