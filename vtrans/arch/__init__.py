@@ -8,6 +8,7 @@ from vtrans.arch.base import (
     MaskValues,
     call_layer,
     detach_masks,
+    first_output,
     layer_stream,
     unit_counts,
     with_stream,
@@ -37,4 +38,4 @@ def adapter_for(model) -> Adapter:
 
 
 __all__ = ["Adapter", "Dims", "Kept", "MaskValues", "adapter_for", "adapter_class_for", "call_layer", "detach_masks",
-           "layer_stream", "SUPPORTED_MODEL_TYPES", "unit_counts", "with_stream"]
+           "first_output", "layer_stream", "SUPPORTED_MODEL_TYPES", "unit_counts", "with_stream"]

@@ -660,8 +660,12 @@ def with_stream(args: tuple, kwargs: dict, stream: torch.Tensor | None) -> tuple
     return args, kwargs | {"hidden_states": stream}
 
 
+def first_output(output) -> torch.Tensor:
+    """A module's main output: the first of a tuple (a layer's stream, before its attention weights or cache)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def call_layer(layer: nn.Module, stream: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """Layer `layer` called on `stream` with a recorded call's other arguments; the stream it gives back."""
     args, kwargs = with_stream(args, kwargs, stream)
-    out = layer(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return first_output(layer(*args, **kwargs))

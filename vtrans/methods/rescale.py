@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vtrans import distributed
-from vtrans.arch import Kept, MaskValues, call_layer, detach_masks, layer_stream, with_stream
+from vtrans.arch import Kept, MaskValues, call_layer, detach_masks, first_output, layer_stream, with_stream
 from vtrans.arch.base import weight_out_in
 from vtrans.data import token_mask
 from vtrans.methods.base import Job
@@ -131,7 +131,7 @@ def _output_into(captured: dict, key: str, stop: bool = False):
     """A forward hook keeping its module's output (its first, for a layer's tuple) as `captured[key]`; with
     `stop`, the pass ends there."""
     def hook(module, args, output):
-        captured[key] = output[0] if isinstance(output, tuple) else output
+        captured[key] = first_output(output)
         if stop:
             raise _LayerDone
     return hook
@@ -164,9 +164,9 @@ class _Replay:
             return hook
 
         hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        self._set_values()
         try:
             for batch in batches:
-                self._set_values()
                 try:
                     model(**batch)
                 except _LayerDone:
@@ -181,10 +181,10 @@ class _Replay:
 
     def run(self, layer: int):
         """Call layer `layer` on every batch's stream (a hook may end a call early), yielding each batch after
-        its call."""
+        its call. The values are set once: a fit changes them between runs, never during one."""
         module = self.adapter.layer_modules()[layer]
+        self._set_values()
         for batch, stream, (args, kwargs) in zip(self.batches, self.streams, self.arguments[layer]):
-            self._set_values()
             try:
                 call_layer(module, stream, args, kwargs)
             except _LayerDone:
