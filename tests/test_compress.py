@@ -87,8 +87,9 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
         ([ckpt, "--data", data, "--max-length", 1000, "--out", out], "positions"),
         ([ckpt, "--data", data, "--method", "optin", "--target", "params=0.2", "--out", out], "and method allow"),
         ([ckpt, "--data", data, "--method", "faster-vtrans", "--target", "params=0.2", "--out", out],
-         "use --method vtrans or fast-vtrans: faster-vtrans keeps the hidden width"),
+         "use --method vtrans: faster-vtrans keeps the hidden width"),
         ([ckpt, "--data", data, "--batch-size", 0, "--out", out], "--batch-size"),
+        ([ckpt, "--data", data, "--augment", 1, "--out", out], "--augment 1.0 must be in [0, 1)"),
     ]
     for args, message in cases:
         code, err = run_cli(args, capsys)

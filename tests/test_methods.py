@@ -290,12 +290,70 @@ def test_random_keeps_heads_and_neurons_in_about_equal_shares(job):
 
 
 
-def test_faster_vtrans_keeps_the_hidden_width(job):
-    """Frozen weights cannot follow the LayerNorm statistics a narrower hidden width changes: faster-vtrans
-    keeps every hidden dim (vtrans and fast-vtrans, whose weights train, let them compete for the budget)."""
-    j = job("faster-vtrans", data_fraction=0.25, prune_epochs=2.0, recover_epochs=0.0)
+@pytest.mark.parametrize("method, keeps", [("faster-vtrans", True), ("fast-vtrans", True), ("vtrans", False)])
+def test_the_sampled_variants_keep_the_hidden_width(job, monkeypatch, method, keeps):
+    """A narrower hidden width changes every LayerNorm's statistics: frozen weights cannot follow, nor can
+    weights that learn from a few hundred examples. The sampled variants keep every hidden dim (its masks do
+    not train); vtrans, whose weights train on all the data, lets them compete for the budget."""
+    j = job(method, data_fraction=0.25, prune_epochs=2.0, recover_epochs=0.0)
     j.budget = vtrans.budget.parse_target("params=0.8", seq_len=16)
-    assert len(run(j).kept.hidden) == j.adapter.dims().hidden
+    searched, prune = [], vtrans_method.prune
+
+    def recording_prune(job_, *args, **kwargs):
+        searched.append(job_.prunes_hidden)
+        return prune(job_, *args, **kwargs)
+    monkeypatch.setattr(vtrans_method, "prune", recording_prune)
+    kept = run(j).kept
+    assert searched == [not keeps]
+    assert not keeps or len(kept.hidden) == j.adapter.dims().hidden
+
+
+def test_augmented_batches_replace_a_share_of_the_real_tokens_by_tokens_of_the_batch(job):
+    """Fast-VTrans's varied copies: about `share` of the real tokens change, each into a real token of the same
+    batch; special tokens and padding stay; the labels go (a replaced word may flip one); the same seed gives
+    the same copies."""
+    examples = job("fast-vtrans").train
+    batch = next(iter(examples.loader(64)))
+    copies = [examples.augment(batch, 0.3, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    assert torch.equal(copies[0]["input_ids"], copies[1]["input_ids"])
+    assert not torch.equal(copies[0]["input_ids"], copies[2]["input_ids"])
+    ids, varied = batch["input_ids"], copies[0]["input_ids"]
+    special = torch.isin(ids, examples.special_ids) | ~batch["attention_mask"].bool()
+    assert torch.equal(varied[special], ids[special])
+    assert set(varied[~special].tolist()) <= set(ids[~special].tolist())
+    changed = (varied != ids)[~special].float().mean()
+    assert 0.15 < changed <= 0.3, changed  # a draw may pick the token it replaces
+    assert "labels" not in copies[0] and torch.equal(copies[0]["attention_mask"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("method, augmented", [("fast-vtrans", True), ("faster-vtrans", False)])
+def test_fast_vtrans_trains_its_weights_on_augmented_copies_of_its_sample(job, monkeypatch, method, augmented):
+    """Weights that train on a sample (Fast-VTrans, pruning and recovering) see varied copies, distilled from
+    the teacher without labels, and the teacher's outputs are not remembered (copies are never seen twice);
+    Faster-VTrans's masks learn from the sample as it is, with the teacher's outputs remembered."""
+    import vtrans.training as training
+
+    j = job(method, data_fraction=0.25, prune_epochs=1.0, recover_epochs=1.0)
+    originals = {tuple(row[mask.bool()].tolist()) for batch in j.loader(0.25)
+                 for row, mask in zip(batch["input_ids"], batch["attention_mask"])}
+    seen, memory = [], []
+    distill_loss, teacher_call = training.distill_loss, training.TeacherOutputs.__call__
+
+    def recording_loss(student, teacher, labels, attention_mask, *args, **kwargs):
+        seen.append(labels is None)
+        return distill_loss(student, teacher, labels, attention_mask, *args, **kwargs)
+
+    def recording_teacher(self, batch):
+        memory.append(self.max_bytes)
+        rows = zip(batch["input_ids"], batch["attention_mask"])
+        seen.append(sum(tuple(row[mask.bool()].tolist()) not in originals for row, mask in rows) > 0)
+        return teacher_call(self, batch)
+    monkeypatch.setattr(training, "distill_loss", recording_loss)
+    monkeypatch.setattr(vtrans_method, "distill_loss", recording_loss)
+    monkeypatch.setattr(training.TeacherOutputs, "__call__", recording_teacher)
+    run(j)
+    assert seen and all(s == augmented for s in seen), seen
+    assert all((bytes_ == 0) == augmented for bytes_ in memory), memory
 
 
 def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):

@@ -51,6 +51,7 @@ class Options:
     recover_epochs: float | None = None
     data_fraction: float = 0.03  # fast-vtrans and faster-vtrans learn from this label-stratified share
     recover_fraction: float | None = None  # share of the data recovery distils on; None: what the method learned from
+    augment: float = 0.15  # fast-vtrans: share of tokens replaced in the varied copies of the sample it trains on
     # mask training (vtrans, fast-vtrans, faster-vtrans); see methods/vtrans.py
     mask_init: str = "fisher"  # log_alpha spread by Fisher information per cost, or "uniform"
     mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1]
@@ -90,6 +91,7 @@ def validate_options(opts: Options) -> None:
         ("--data-fraction", opts.data_fraction, 0 < opts.data_fraction <= 1, "in (0, 1]"),
         ("--recover-fraction", opts.recover_fraction, opts.recover_fraction is None or 0 < opts.recover_fraction <= 1,
          "in (0, 1]"),
+        ("--augment", opts.augment, 0 <= opts.augment < 1, "in [0, 1)"),
         ("--teacher-epochs", opts.teacher_epochs, opts.teacher_epochs > 0, "greater than 0"),
         ("--teacher-lr", opts.teacher_lr, opts.teacher_lr > 0, "greater than 0"),
         ("--prune-epochs", opts.prune_epochs, opts.prune_epochs is None or opts.prune_epochs > 0, "greater than 0"),
@@ -178,7 +180,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
     identity = {"model": model or DEFAULT_MODEL_NAME, "data": data, "target": target, "method": method} | {
         name: getattr(opts, name) for name in ("objective", "eval_data", "max_length", "image_size", "batch_size",
                                                "seed", "holdout", "prune_epochs", "recover_epochs", "data_fraction",
-                                               "recover_fraction", "round_to", *MASK_OPTIONS)}
+                                               "recover_fraction", "augment", "round_to", *MASK_OPTIONS)}
     checkpoint = Checkpoint(out.parent / f".{out.name}.checkpoint", opts.checkpoint_every, identity)
     if checkpoint.exists() and not (opts.resume or opts.overwrite):
         raise UsageError(f"an interrupted run left a checkpoint in {checkpoint.directory}: pass --resume to "
@@ -267,6 +269,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
         prune_epochs=opts.prune_epochs,
         recover_epochs=opts.recover_epochs,
         data_fraction=opts.data_fraction,
+        augment=opts.augment,
         recover_fraction=opts.recover_fraction,
         checkpoint=checkpoint,
         resume=opts.resume,

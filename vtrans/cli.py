@@ -61,6 +61,10 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                         help="share of the data the recovery distils on (default: what the method learned from: "
                              "the sample for fast/faster-vtrans, all of it for the others); 1 gives every method "
                              "the same recovery")
+    parser.add_argument("--augment", type=float, default=DEFAULTS.augment,
+                        help="fast-vtrans: its weights train on copies of the sample with this share of the tokens "
+                             "replaced by others of the batch, labelled by the teacher: on the sample itself they "
+                             "overfit it (default: 0.15; 0: the sample as it is)")
     parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to,
                         help="keep FFN neurons per layer and hidden dims in multiples of this (e.g. 8 or 64: "
                              "matrix sizes kernels like), still within the budget (default: 1)")
@@ -103,8 +107,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 RUN_OPTIONS = (
     "objective", "eval_data", "max_length", "image_size", "batch_size", "seed", "holdout", "teacher_epochs",
-    "teacher_lr", "prune_epochs", "recover_epochs", "data_fraction", "recover_fraction", "round_to", "quantize",
-    "device", "dtype", "gradient_checkpointing",
+    "teacher_lr", "prune_epochs", "recover_epochs", "data_fraction", "recover_fraction", "augment", "round_to",
+    "quantize", "device", "dtype", "gradient_checkpointing",
     *MASK_OPTIONS,
 )
 

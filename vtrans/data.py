@@ -167,11 +167,16 @@ def token_mask(batch: dict, shape: tuple[int, int]) -> torch.Tensor:
 
 class Examples(torch.utils.data.Dataset):
     """A dataset that batches itself. `strata` label each example for stratified samples (one stratum when
-    there are no labels)."""
+    there are no labels). Where `augments`, `augment` makes varied copies of its batches (see Augmented)."""
 
     strata: list
+    augments: bool = False
 
     def collate(self, items) -> dict:
+        raise NotImplementedError
+
+    def augment(self, batch: dict, share: float, generator: torch.Generator) -> dict:
+        """A varied copy of `batch`, without labels: the teacher's outputs are its targets."""
         raise NotImplementedError
 
     def loader(
@@ -199,6 +204,27 @@ class Examples(torch.utils.data.Dataset):
         )
 
 
+class Augmented:
+    """A loader whose every batch is replaced by a varied copy (Examples.augment), for weights that learn from a
+    small sample: on the sample itself they overfit it. The copies come from a seeded generator, so a resumed
+    run, which draws again the batches it already saw, sees the same ones. Anything else (the dataset, batch
+    size, collate function) is the loader's: what scores units reads the data as it is."""
+
+    def __init__(self, loader, examples: Examples, share: float, seed: int):
+        self.loader, self.examples, self.share = loader, examples, share
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.examples.augment(batch, self.share, self.generator)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 @dataclass
 class Placed:
     """A collate function whose batches are cut to this rank's rows (`shard`) and moved to `device`."""
@@ -219,6 +245,8 @@ class Placed:
 class Encoded(Examples):
     """Tokenized labelled examples; batches are padded to their longest member."""
 
+    augments = True
+
     def __init__(self, table: Table, tokenizer, label_map: dict, max_length: int):
         pair = table.text_pair
         enc = tokenizer(table.text, pair, truncation=True, max_length=max_length)
@@ -226,6 +254,7 @@ class Encoded(Examples):
         self.labels = [label_map[str(v)] for v in table.labels]
         self.pad = tokenizer.pad
         self.max_length = max_length
+        self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)
 
     @property
     def strata(self) -> list:
@@ -241,6 +270,19 @@ class Encoded(Examples):
         batch = self.pad([f for f, _ in items], return_tensors="pt")
         batch["labels"] = torch.tensor([label for _, label in items])
         return dict(batch)
+
+    def augment(self, batch, share, generator):
+        """`share` of the real tokens (special tokens aside) replaced by real tokens drawn from the whole batch,
+        as TinyBERT varies its few task examples for distillation. The label goes: a replaced word may flip it."""
+        ids = batch["input_ids"]
+        real = batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
+        pool = ids[real]  # (real tokens in the batch,)
+        replaced = real & (torch.rand(ids.shape, generator=generator) < share).to(ids.device)
+        varied = ids.clone()
+        if pool.numel():
+            draws = torch.randint(pool.numel(), (int(replaced.sum()),), generator=generator)
+            varied[replaced] = pool[draws.to(ids.device)]
+        return {name: value for name, value in batch.items() if name != "labels"} | {"input_ids": varied}
 
 
 @dataclass

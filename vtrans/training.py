@@ -142,14 +142,15 @@ def distill_loss(
     hidden_index: torch.Tensor | None = None,
     hidden_keep: torch.Tensor | None = None,
 ) -> dict:
-    """The objective's task loss + distillation from the teacher's logits (as the objective compares them)
-    and hidden states.
+    """The objective's task loss (where there are `labels`) + distillation from the teacher's logits (as the
+    objective compares them) and hidden states.
 
     `attention_mask` (B, S) marks real tokens (data.token_mask); `hidden_index` selects the teacher dims that a
     cut student kept; `hidden_keep` (0/1) restricts the comparison for a masked student to its kept dims.
     """
     outputs = objective.outputs(student, attention_mask)
-    task = objective.task_loss(outputs, labels, attention_mask)
+    # an augmented batch has no labels (data.Augmented): the teacher's outputs are its only targets
+    task = objective.task_loss(outputs, labels, attention_mask) if labels is not None else outputs.new_zeros(())
     logits = objective.output_loss(outputs, teacher.outputs, attention_mask, weights.temperature)  # or embedding
     tokens = attention_mask.unsqueeze(-1).float()
     pairs = list(zip(student.hidden_states, teacher.hidden_states))

@@ -5,7 +5,7 @@ from vtrans.methods.base import run as _run
 
 METHODS = {
     "vtrans": Method(vtrans.choose_trained, trains=True),
-    "fast-vtrans": Method(vtrans.choose_trained, sampled=True, trains=True),
+    "fast-vtrans": Method(vtrans.choose_trained, sampled=True, trains=True, prunes_hidden=False),
     "faster-vtrans": Method(vtrans.choose_frozen, sampled=True, prunes_hidden=False),
     "optin": Method(optin.choose, prunes_hidden=False),
     "random": Method(baselines.choose_random, prunes_hidden=False),
