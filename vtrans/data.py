@@ -206,9 +206,9 @@ class Examples(torch.utils.data.Dataset):
 
 class Augmented:
     """A loader whose every batch is replaced by a varied copy (Examples.augment), for weights that learn from a
-    small sample: on the sample itself they overfit it. The copies come from a seeded generator, so a resumed
-    run, which draws again the batches it already saw, sees the same ones. Anything else (the dataset, batch
-    size, collate function) is the loader's: what scores units reads the data as it is."""
+    small sample: on the sample itself they overfit it. The copies come from a seeded generator, so a run resumed
+    while pruning, which draws again the batches it already saw, sees the same ones. Anything else (the
+    dataset, batch size, collate function) is the loader's: what scores units reads the data as it is."""
 
     def __init__(self, loader, examples: Examples, share: float, seed: int):
         self.loader, self.examples, self.share = loader, examples, share
@@ -272,8 +272,9 @@ class Encoded(Examples):
         return dict(batch)
 
     def augment(self, batch, share, generator):
-        """`share` of the real tokens (special tokens aside) replaced by real tokens drawn from the whole batch,
-        as TinyBERT varies its few task examples for distillation. The label goes: a replaced word may flip it."""
+        """`share` of the real tokens (special tokens aside) replaced by real tokens drawn from the whole batch.
+        TinyBERT distils on task data varied likewise (it replaces words by similar ones; this needs no other
+        model). The label goes: a replaced word may flip it."""
         ids = batch["input_ids"]
         real = batch["attention_mask"].bool() & ~torch.isin(ids, self.special_ids.to(ids.device))
         pool = ids[real]  # (real tokens in the batch,)

@@ -1,10 +1,11 @@
 """VTrans: VIB masks on every structure, trained with the task loss, distillation from the dense teacher and a
 Lagrangian that drives the expected cost to the budget; iterative: the weights train with the masks.
 
-Fast-VTrans is the same on a label-stratified sample of the data (`data_fraction`, 3% by default).
-Faster-VTrans freezes the weights on that sample: only the masks and lambdas train. It keeps the hidden
-width: removing hidden dims changes every LayerNorm's statistics, which frozen weights cannot follow (measured:
-1.6-1.9 points lost at flops=0.4 and 0.6 on MiniLM when it pruned them).
+Fast-VTrans is the same on a label-stratified sample of the data (`data_fraction`, 3% by default), its
+weights training on varied copies of it (methods/base.py, data.Augmented). Faster-VTrans freezes the weights
+on that sample: only the masks and lambdas train. Both keep the hidden width: removing hidden dims changes
+every LayerNorm's statistics, which frozen weights cannot follow (measured: 1.6-1.9 points lost at flops=0.4
+and 0.6 on MiniLM when faster-vtrans pruned them), nor weights that see a few hundred examples.
 
 Pruning runs in two phases over its steps:
 
