@@ -294,7 +294,8 @@ def test_random_keeps_heads_and_neurons_in_about_equal_shares(job):
 def test_the_sampled_variants_keep_the_hidden_width(job, monkeypatch, method, keeps):
     """A narrower hidden width changes every LayerNorm's statistics: frozen weights cannot follow, nor can
     weights that learn from a few hundred examples. The sampled variants keep every hidden dim (its masks do
-    not train); vtrans, whose weights train on all the data, lets them compete for the budget."""
+    not train: their hidden mask is fixed); vtrans, whose weights train on all the data, lets them compete
+    for the budget."""
     j = job(method, data_fraction=0.25, prune_epochs=2.0, recover_epochs=0.0)
     j.budget = vtrans.budget.parse_target("params=0.8", seq_len=16)
     searched, prune = [], vtrans_method.prune
@@ -322,18 +323,21 @@ def test_augmented_batches_replace_a_share_of_the_real_tokens_by_tokens_of_the_b
     assert torch.equal(varied[special], ids[special])
     assert set(varied[~special].tolist()) <= set(ids[~special].tolist())
     changed = (varied != ids)[~special].float().mean()
-    assert 0.15 < changed <= 0.3, changed  # a draw may pick the token it replaces
-    assert "labels" not in copies[0] and torch.equal(copies[0]["attention_mask"], batch["attention_mask"])
+    assert 0.15 < changed < 0.4, changed  # about 0.3, less where a draw picks the token it replaces
+    assert "labels" not in copies[0]
+    assert torch.equal(copies[0]["attention_mask"], batch["attention_mask"])
 
 
-@pytest.mark.parametrize("method, augmented", [("fast-vtrans", True), ("faster-vtrans", False)])
-def test_fast_vtrans_trains_its_weights_on_augmented_copies_of_its_sample(job, monkeypatch, method, augmented):
+@pytest.mark.parametrize("method, share, augmented", [("fast-vtrans", 0.15, True), ("fast-vtrans", 0.0, False),
+                                                     ("faster-vtrans", 0.15, False)])
+def test_fast_vtrans_trains_its_weights_on_augmented_copies_of_its_sample(job, monkeypatch, method, share,
+                                                                          augmented):
     """Weights that train on a sample (Fast-VTrans, pruning and recovering) see varied copies, distilled from
     the teacher without labels, and the teacher's outputs are not remembered (copies are never seen twice);
-    Faster-VTrans's masks learn from the sample as it is, with the teacher's outputs remembered."""
+    with --augment 0, and for Faster-VTrans's masks, the sample as it is, the teacher's outputs remembered."""
     import vtrans.training as training
 
-    j = job(method, data_fraction=0.25, prune_epochs=1.0, recover_epochs=1.0)
+    j = job(method, data_fraction=0.25, prune_epochs=1.0, recover_epochs=1.0, augment=share)
     originals = {tuple(row[mask.bool()].tolist()) for batch in j.loader(0.25)
                  for row, mask in zip(batch["input_ids"], batch["attention_mask"])}
     seen, memory = [], []

@@ -59,12 +59,13 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                         help="share of the data fast-vtrans and faster-vtrans learn from (default: 0.03)")
     parser.add_argument("--recover-fraction", type=float, default=DEFAULTS.recover_fraction,
                         help="share of the data the recovery distils on (default: what the method learned from: "
-                             "the sample for fast/faster-vtrans, all of it for the others); 1 gives every method "
-                             "the same recovery")
+                             "the sample for fast/faster-vtrans, varied for fast-vtrans, all of it for the others); "
+                             "1 gives every method the same recovery, on the data as it is")
     parser.add_argument("--augment", type=float, default=DEFAULTS.augment,
-                        help="fast-vtrans: its weights train on copies of the sample with this share of the tokens "
-                             "replaced by others of the batch, labelled by the teacher: on the sample itself they "
-                             "overfit it (default: 0.15; 0: the sample as it is)")
+                        help="fast-vtrans on text classification: its weights train on copies of the sample with "
+                             "this share of the tokens replaced by others of the batch, labelled by the teacher: on "
+                             "the sample itself they overfit it; other data trains as it is (default: 0.15; 0: the "
+                             "sample as it is)")
     parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to,
                         help="keep FFN neurons per layer and hidden dims in multiples of this (e.g. 8 or 64: "
                              "matrix sizes kernels like), still within the budget (default: 1)")

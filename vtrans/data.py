@@ -207,12 +207,16 @@ class Examples(torch.utils.data.Dataset):
 class Augmented:
     """A loader whose every batch is replaced by a varied copy (Examples.augment), for weights that learn from a
     small sample: on the sample itself they overfit it. The copies come from a seeded generator, so a run resumed
-    while pruning, which draws again the batches it already saw, sees the same ones. Anything else (the
-    dataset, batch size, collate function) is the loader's: what scores units reads the data as it is."""
+    while pruning, which draws again the batches it already saw, sees the same ones (one resumed while
+    recovering sees others: its loader starts afresh, as its shuffle does). Each data-parallel rank varies its
+    own rows with a generator of its own. Anything else (the dataset, batch size, collate function) is the
+    loader's: what scores units reads the data as it is."""
 
     def __init__(self, loader, examples: Examples, share: float, seed: int):
-        self.loader, self.examples, self.share = loader, examples, share
-        self.generator = torch.Generator().manual_seed(seed)
+        self.loader = loader
+        self.examples = examples
+        self.share = share
+        self.generator = torch.Generator().manual_seed(seed + 1_000_003 * distributed.rank())
 
     def __len__(self):
         return len(self.loader)
@@ -222,6 +226,8 @@ class Augmented:
             yield self.examples.augment(batch, self.share, self.generator)
 
     def __getattr__(self, name):
+        if name == "loader":  # not set yet (a copy being made): no loader to ask
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 
@@ -272,7 +278,8 @@ class Encoded(Examples):
         return dict(batch)
 
     def augment(self, batch, share, generator):
-        """`share` of the real tokens (special tokens aside) replaced by real tokens drawn from the whole batch.
+        """`share` of the real tokens (special tokens aside) replaced by real tokens drawn from the batch (this
+        rank's rows of it).
         TinyBERT distils on task data varied likewise (it replaces words by similar ones; this needs no other
         model). The label goes: a replaced word may flip it."""
         ids = batch["input_ids"]

@@ -99,7 +99,8 @@ def training_curves(log: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     if prune:
         steps = [r["step"] for r in prune]
-        axes[0].plot(steps, [r["task"] for r in prune], color="tab:blue", label="task loss")
+        if any(r["task"] for r in prune):  # none where every batch was a varied copy without labels
+            axes[0].plot(steps, [r["task"] for r in prune], color="tab:blue", label="task loss")
         axes[0].plot(steps, [r["distill"] for r in prune], color="tab:orange", label="distillation loss")
         axes[1].plot(steps, [r["kl"] for r in prune], color="tab:green", label="KL (mean per unit)")
         axes[2].plot(steps, [r["expected_cost"] for r in prune], label="expected cost")
@@ -107,7 +108,8 @@ def training_curves(log: list[dict], path: Path) -> Path | None:
         axes[2].plot(steps, [r["target"] for r in prune], "--", color="black", label="target (ramped)")
     if recover:  # recovery steps continue the step axis after the cut
         after = [r["step"] + (prune[-1]["step"] + 1 if prune else 0) for r in recover]
-        axes[0].plot(after, [r["task"] for r in recover], ":", color="tab:blue", label="task loss, recovering")
+        if any(r["task"] for r in recover):
+            axes[0].plot(after, [r["task"] for r in recover], ":", color="tab:blue", label="task loss, recovering")
         axes[0].plot(after, [r["distill"] for r in recover], ":", color="tab:orange",
                      label="distillation loss, recovering")
         axes[0].axvline(after[0], color="gray", linewidth=0.8)

@@ -43,9 +43,9 @@ def batches(loader, steps: int, desc: str, start: int = 0) -> Iterator[tuple[int
 
 class TeacherOutputs:
     """The frozen teacher's outputs (what the objective distils: logits, or an embedding) and hidden states,
-    remembered per example (keyed by its tokens) up to `max_bytes`. The sampled variants go over the same small
-    sample ten times, and the teacher's forward is a good part of each step; with it remembered, later epochs
-    skip it. Padding positions come back as
+    remembered per example (keyed by its tokens) up to `max_bytes`. Faster-VTrans goes over the same small sample
+    ten times, and the teacher's forward is a good part of each step; with it remembered, later epochs skip it
+    (Fast-VTrans's varied copies are new every time: nothing to remember). Padding positions come back as
     zeros: every loss here ignores them. A batch with any example not remembered runs the teacher whole, so
     a cap that holds only part of the data saves little: it is meant for samples that fit."""
 
