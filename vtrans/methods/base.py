@@ -114,7 +114,8 @@ def run(job: Job, method: Method) -> Outcome:
     job = replace(job, prunes_hidden=method.prunes_hidden and job.objective.prunes_hidden)
     loader = job.loader(job.data_fraction if method.sampled else 1.0)
     # weights trained on a few hundred examples overfit them: they see copies varied anew every epoch (measured
-    # on MiniLM at flops=0.4, see the README); masks alone, few parameters, learn from the sample as it is
+    # on MiniLM at flops=0.4, see the README). Faster-VTrans's masks learn from the sample as it is, so that the
+    # teacher's outputs can be remembered: a good part of its speed
     augmented = method.sampled and method.trains and job.augment > 0 and job.train.augments
     if augmented:
         loader = Augmented(loader, job.train, job.augment, job.seed)
