@@ -90,6 +90,7 @@ def test_bad_inputs_give_one_line_and_exit_code_2(tmp_path, capsys):
          "use --method vtrans: faster-vtrans keeps the hidden width"),
         ([ckpt, "--data", data, "--batch-size", 0, "--out", out], "--batch-size"),
         ([ckpt, "--data", data, "--augment", 1, "--out", out], "--augment 1.0 must be in [0, 1)"),
+        ([ckpt, "--data", data, "--penalty", -1, "--out", out], "--penalty -1.0 must be 0 or more"),
     ]
     for args, message in cases:
         code, err = run_cli(args, capsys)

@@ -56,6 +56,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, env):
     resumed = json.loads((out / "report.json").read_text())
     assert resumed["kept"] == whole["kept"]
     assert resumed["compressed"]["metric"] == whole["compressed"]["metric"]
+    targets = [[row["target"] for row in json.loads((run / "training_log.json").read_text()) if "target" in row]
+               for run in (tmp_path / "whole", out)]
+    assert targets[0] == targets[1]  # the resumed ramp goes on from where the run's started
     assert not state.parent.exists()  # a finished run leaves no checkpoint behind
 
 

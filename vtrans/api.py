@@ -55,7 +55,8 @@ class Options:
     # mask training (vtrans, fast-vtrans, faster-vtrans); see methods/vtrans.py
     mask_init: str = "fisher"  # log_alpha spread by Fisher information per cost, or "uniform"
     mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1]
-    ramp: float = 0.5  # share of the mask search over which the target falls from 1 to the budget
+    ramp: float = 0.5  # share of the mask search over which the target falls from the masks' start to the budget
+    penalty: float = 1000.0  # initial lambda2 of the Lagrangian, on the squared gap between expected cost and target
     settle: float | None = None  # share of pruning with the kept set fixed; None: see VTransSettings
     rescale: bool | None = None  # least squares on the kept units' values at the end; None: see VTransSettings
     kl_weight: float = 1e-6  # per unit, on the VIB KL summed over units
@@ -100,6 +101,7 @@ def validate_options(opts: Options) -> None:
         ("--mask-init", opts.mask_init, opts.mask_init in MASK_INITS, f"one of {', '.join(MASK_INITS)}"),
         ("--mask-lr", opts.mask_lr, opts.mask_lr is None or opts.mask_lr > 0, "greater than 0"),
         ("--ramp", opts.ramp, 0 < opts.ramp <= 1, "in (0, 1]"),
+        ("--penalty", opts.penalty, opts.penalty >= 0, "0 or more"),
         ("--settle", opts.settle, opts.settle is None or 0 <= opts.settle < 1, "in [0, 1)"),
         ("--kl-weight", opts.kl_weight, opts.kl_weight >= 0, "0 or more"),
         ("--mask-temperature", opts.mask_temperature, opts.mask_temperature > 0, "greater than 0"),
@@ -114,7 +116,7 @@ def validate_options(opts: Options) -> None:
             raise UsageError(f"{flag} {value} must be {wanted}")
 
 
-MASK_OPTIONS = ("mask_init", "mask_lr", "ramp", "settle", "rescale", "kl_weight", "mask_temperature",
+MASK_OPTIONS = ("mask_init", "mask_lr", "ramp", "penalty", "settle", "rescale", "kl_weight", "mask_temperature",
                 "distill_layers")
 
 
@@ -124,6 +126,7 @@ def mask_settings(opts: Options, objective: Objective) -> VTransSettings:
         mask_init=opts.mask_init,
         mask_lr=opts.mask_lr,
         ramp=opts.ramp,
+        penalty=opts.penalty,
         settle=opts.settle,
         rescale=opts.rescale,
         kl_weight=opts.kl_weight,

@@ -91,6 +91,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                        help="Adam learning rate of the masks (default: 4 / ramp steps, within [0.01, 0.1])")
     masks.add_argument("--ramp", type=float, default=DEFAULTS.ramp,
                        help="share of the mask search over which the target falls to the budget (default: 0.5)")
+    masks.add_argument("--penalty", type=float, default=DEFAULTS.penalty,
+                       help="initial weight of the squared gap between the masks' expected cost and the target: how "
+                            "hard they are pushed to follow it (default: 1000)")
     masks.add_argument("--settle", type=float, default=DEFAULTS.settle,
                        help="share of pruning with the kept set fixed and deterministic masks (default: 0.25 "
                             "when the weights are frozen, else 0; skipped where --rescale replaces what it learns)")
