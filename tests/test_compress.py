@@ -139,3 +139,19 @@ def test_failure_while_saving_leaves_no_directory(tmp_path, monkeypatch):
     assert [p.name for p in previous.iterdir()] == ["report.json"]
     assert (previous / "report.json").read_text() == "an earlier result"
     assert not [p.name for p in tmp_path.iterdir() if "previous" in p.name and p != previous]
+
+
+def test_every_mask_option_reaches_the_settings_the_search_reads():
+    """Options and VTransSettings share their defaults, so a dropped line in api.mask_settings would go unseen:
+    set every mask option away from its default and read it back."""
+    from vtrans.api import MASK_OPTIONS, Options, mask_settings
+    from vtrans.objectives.classification import Classification
+
+    given = dict(mask_init="uniform", mask_lr=0.07, ramp=0.3, penalty=7.0, settle=0.2, rescale=True, kl_weight=3e-4,
+                 mask_temperature=2.0, distill_layers="last")
+    assert set(given) == set(MASK_OPTIONS)
+    settings = mask_settings(Options(**given), Classification())
+    read = dict(mask_init=settings.mask_init, mask_lr=settings.mask_lr, ramp=settings.ramp, penalty=settings.penalty,
+                settle=settings.settle, rescale=settings.rescale, kl_weight=settings.kl_weight,
+                mask_temperature=settings.temperature, distill_layers=settings.distill.layers)
+    assert read == given

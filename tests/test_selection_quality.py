@@ -86,7 +86,8 @@ def test_the_warm_start_starts_dead_units_lowest(job):
 
 def test_vib_expected_cost_follows_the_ramped_target(job):
     """With the Lagrangian's sign flipped, or masks that cannot move, the cost would stay near 1; with a ramp
-    from 1, or a weak push, it would start above its target or reach the budget late."""
+    from 1 the first target would sit above the warm-started cost. (How hard the push must be shows on real
+    models only: the README's params=0.5 runs.)"""
     j = job("faster-vtrans", target="flops=0.4")
     choice = vtrans_method.prune(j, VTransSettings(settle=0.25), j.loader(), epochs=12.0, train_weights=False)
     search = [r for r in choice.log if r["phase"] == "prune" and not r["settled"]]
@@ -97,8 +98,9 @@ def test_vib_expected_cost_follows_the_ramped_target(job):
     assert first["expected_cost"] < 0.99
     assert first["target"] == pytest.approx(first["expected_cost"] - (first["expected_cost"] - 0.4) / ramp_steps)
     held = [r for r in search if r["step"] >= ramp_steps]
+    assert held
     assert abs(held[0]["expected_cost"] - held[0]["target"]) <= 0.02, held[0]  # on time where the ramp ends
-    assert held and all(abs(r["expected_cost"] - r["target"]) <= 0.02 * r["target"] for r in held[-3:]), held
+    assert all(abs(r["expected_cost"] - r["target"]) <= 0.02 * r["target"] for r in held[-3:]), held
     assert all(r["target"] == pytest.approx(0.4) for r in held[1:])
     select = next(r for r in choice.log if r["phase"] == "select")
     moved = sum(select["added"].values()) + sum(select["removed"].values())

@@ -90,7 +90,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     masks.add_argument("--mask-lr", type=float, default=DEFAULTS.mask_lr,
                        help="Adam learning rate of the masks (default: 4 / ramp steps, within [0.01, 0.1])")
     masks.add_argument("--ramp", type=float, default=DEFAULTS.ramp,
-                       help="share of the mask search over which the target falls to the budget (default: 0.5)")
+                       help="share of the mask search over which the target falls from the masks' starting "
+                            "expected cost to the budget (default: 0.5)")
     masks.add_argument("--penalty", type=float, default=DEFAULTS.penalty,
                        help="initial weight of the squared gap between the masks' expected cost and the target: how "
                             "hard they are pushed to follow it (default: 1000)")

@@ -133,10 +133,11 @@ class Lagrangian(nn.Module):
     the first step and changes sign with it; lambda1 alone (an integral of the gap) lags behind the ramp,
     then winds up and drives the cost far below the target before it unwinds.
 
-    A unit feels that push times its share of the cost, 1e-3 (a hidden dim) to 1e-5 (an FFN neuron), against
-    its distillation gradient. At a penalty of 100 the expensive units held out: on MiniLM at params=0.5 the
-    expected cost lagged the ramp by 0.094 where it ended and the budget fix-up then removed 1,179 neurons;
-    at 1000 it lagged by 0.016 and the fix-up removed 229 (README, eleventh session)."""
+    A unit feels that push times its share of the cost, against its distillation gradient: of MiniLM's
+    parameters, about 2e-3 for a hidden dim or a head and 3e-5 for an FFN neuron. At a penalty of 100 the
+    expensive units held out: on MiniLM at params=0.5 the expected cost lagged the ramp by 0.094 where it
+    ended and the budget fix-up then removed 1,179 neurons; at 1000 it lagged by 0.016 and the fix-up removed
+    229 (README, eleventh session)."""
 
     def __init__(self, penalty: float = 0.0):
         super().__init__()
@@ -206,9 +207,9 @@ def expected_fraction(job: Job, masks: VIBMasks, temperature: float, dense: dict
 
 def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagrangian, values: MaskValues,
           batch: dict, teacher: TeacherOutputs, settled: dict | None, target: float, dense: dict,
-          ramped: float, start: float) -> tuple[dict, float, float, float]:
+          ramped: float, ramp_from: float) -> tuple[dict, float, float, float]:
     """One pruning step's forward and backward; returns the losses, expected cost, target and KL. The target
-    is `ramped` (a share, held at 1 once reached) of the way from `start` to the budget's `target`."""
+    is `ramped` (a share, held at 1 once reached) of the way from `ramp_from` to the budget's `target`."""
     model = job.model
     labels = batch.pop("labels", None)
     teacher_out = teacher(batch)
@@ -224,7 +225,7 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     losses = distill_loss(out, teacher_out, labels, token_mask(batch, out.hidden_states[0].shape[:2]),
                           settings.distill, job.objective, hidden_keep=hidden_keep)
     s = expected_fraction(job, masks, settings.temperature, dense)
-    t = start - (start - target) * min(1.0, ramped)
+    t = ramp_from - (ramp_from - target) * min(1.0, ramped)
     kl = masks.kl()
     loss = losses["loss"]
     if settled is None:
@@ -279,7 +280,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
                 with torch.no_grad():
                     ramp_from = float(expected_fraction(job, masks, settings.temperature, dense))
             else:
-                ramp_from = state.get("ramp_from", 1.0)  # a checkpoint from before ramps from 1
+                ramp_from = state["ramp_from"]
             settled = state.get("settled") if state is not None else None  # the kept set, once chosen
             values = MaskValues()
             handles = adapter.attach_masks(values)
