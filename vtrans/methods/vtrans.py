@@ -206,10 +206,10 @@ def expected_fraction(job: Job, masks: VIBMasks, temperature: float, dense: dict
 
 
 def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagrangian, values: MaskValues,
-          batch: dict, teacher: TeacherOutputs, settled: dict | None, target: float, dense: dict,
-          ramped: float, ramp_from: float) -> tuple[dict, float, float, float]:
-    """One pruning step's forward and backward; returns the losses, expected cost, target and KL. The target
-    is `ramped` (a share, held at 1 once reached) of the way from `ramp_from` to the budget's `target`."""
+          batch: dict, teacher: TeacherOutputs, settled: dict | None, target: float,
+          dense: dict) -> tuple[dict, float, float]:
+    """One pruning step's forward and backward, towards this step's (ramped) `target`; returns the losses, the
+    expected cost and the KL."""
     model = job.model
     labels = batch.pop("labels", None)
     teacher_out = teacher(batch)
@@ -225,14 +225,13 @@ def _step(job: Job, settings: VTransSettings, masks: VIBMasks, lagrangian: Lagra
     losses = distill_loss(out, teacher_out, labels, token_mask(batch, out.hidden_states[0].shape[:2]),
                           settings.distill, job.objective, hidden_keep=hidden_keep)
     s = expected_fraction(job, masks, settings.temperature, dense)
-    t = ramp_from - (ramp_from - target) * min(1.0, ramped)
     kl = masks.kl()
     loss = losses["loss"]
     if settled is None:
-        loss = loss + settings.kl_weight * kl + lagrangian(s - t)
+        loss = loss + settings.kl_weight * kl + lagrangian(s - target)
     (loss * distributed.loss_weight(count, total)).backward()
     distributed.average_gradients([*masks.parameters(), *lagrangian.parameters(), *model.parameters()])
-    return losses, s.item(), t, kl.item()
+    return losses, s.item(), kl.item()
 
 
 def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weights: bool = True,
@@ -291,8 +290,9 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
                         values.set(None)  # the search's masks off: the choice attaches its own
                         settled, changes = choose(job, masks, loader, settings.init_samples)
                         log.append({"phase": "select", "step": step, **changes})
-                    losses, s, t, kl = _step(job, settings, masks, lagrangian, values, batch, teacher, settled,
-                                             target, dense, (step + 1) / ramp_steps, ramp_from)
+                    # the target goes from where the masks started to the budget, then holds
+                    t = ramp_from - (ramp_from - target) * min(1.0, (step + 1) / ramp_steps)
+                    losses, s, kl = _step(job, settings, masks, lagrangian, values, batch, teacher, settled, t, dense)
                     for optimizer in optimizers.values():
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
