@@ -48,14 +48,15 @@ def test_plan_refuses_unknown_methods_and_unreachable_targets(tmp_path, capsys):
 def test_plan_counts_the_rescalings_streams_where_a_method_rescales(tmp_path):
     """The least-squares rescaling holds 512 examples' streams whatever the batch: with a batch of one they set
     fisher's and faster-vtrans's peak, and neither vtrans's (it does not rescale) nor a share's per process."""
-    from vtrans.plan import RUNTIME_BYTES, rescale_bytes, rescales_by_default
+    from vtrans.methods import METHODS
+    from vtrans.plan import RUNTIME_BYTES, rescale_bytes
 
     ckpt = write_tiny_checkpoint(tmp_path / "model", "bert")
     result = plan(str(ckpt), "flops=0.5", ["fisher", "faster-vtrans", "vtrans"], batch=1, seq_len=16)
     params = result["dense"]["params"]
     adapter = adapter_for(tiny_model("bert"))
     dims = adapter.dims()
-    assert [rescales_by_default(m, adapter) for m in ("fisher", "faster-vtrans", "vtrans", "optin")] == [
+    assert [METHODS[m].rescales(adapter) for m in ("fisher", "faster-vtrans", "vtrans", "optin")] == [
         True, True, False, False]
     streams = rescale_bytes(dims, 16, processes=1)
     assert streams > 5 * 512 * 16 * dims.hidden * 4 + 512 * 16 * 16 * 4  # streams and attention masks

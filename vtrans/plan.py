@@ -39,15 +39,12 @@ from accelerate import init_empty_weights
 from vtrans.arch import adapter_for
 from vtrans.budget import check_reachable, dense_cost, parse_target
 from vtrans.methods import METHODS
-from vtrans.methods import vtrans as vtrans_method
-from vtrans.methods.optin import OptinSettings
 from vtrans.methods.rescale import RescaleSettings
 from vtrans.objectives import objective_for
 from vtrans.teacher import load_config
 
 RUNTIME_BYTES = 0.3 * 2**30
 FLOAT = 4  # bytes, float32
-OPTIN_BATCH = OptinSettings().calibration_samples * OptinSettings().units_per_forward  # sequences per forward
 
 
 @dataclass(frozen=True)
@@ -73,14 +70,6 @@ class Lean:
     processes: int = 1  # data-parallel processes sharing the batch
 
 
-def rescales_by_default(method: str, adapter) -> bool:
-    """Whether `method`'s run ends with the least-squares rescaling by default."""
-    if method == "fisher":
-        return True
-    frozen = METHODS[method].choose is vtrans_method.choose_frozen
-    return frozen and vtrans_method.VTransSettings().rescales(train_weights=False, adapter=adapter)
-
-
 def rescale_bytes(dims, seq_len: int, processes: int) -> float:
     examples = -(-RescaleSettings().samples // processes)
     streams = 5 * examples * seq_len * dims.hidden * FLOAT
@@ -91,9 +80,8 @@ def rescale_bytes(dims, seq_len: int, processes: int) -> float:
 
 def estimate(method: str, params: float, dims, outputs: int, head_all_tokens: bool, batch: int,
              seq_len: int, lean: Lean = Lean(), rescales: bool = False) -> Estimate:
-    trains = METHODS[method].trains
-    backprop = method not in ("magnitude", "random", "optin")  # masks (or weights) get gradients
-    batch = OPTIN_BATCH if method == "optin" else -(-batch // lean.processes)  # OPTIN scores on every process
+    trains, backprop = METHODS[method].trains, METHODS[method].backprop
+    batch = METHODS[method].forward_sequences or -(-batch // lean.processes)
     per_token = 18 * dims.hidden + 3 * dims.ffn + 2 * dims.heads * dims.query_group * seq_len
     if backprop and trains and lean.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
         activations = (dims.layers * dims.hidden + per_token) * batch * seq_len * FLOAT
@@ -128,7 +116,7 @@ def plan(model: str, target: str, methods: list[str], objective: str = "classifi
     peak_gb = {}
     for method in methods:
         estimated = estimate(method, dense["params"], dims, outputs, head_all_tokens, batch, seq_len, lean,
-                             rescales=rescales_by_default(method, adapter))
+                             rescales=METHODS[method].rescales(adapter))
         peak_gb[method] = estimated.peak / 2**30
     return {
         "model": model,

@@ -82,6 +82,14 @@ class Outcome:
     log: list = field(default_factory=list)  # training curves, rows of {phase, step, ...}
 
 
+def never_rescales(adapter: Adapter) -> bool:
+    return False
+
+
+def always_rescales(adapter: Adapter) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Method:
     """How a method chooses, and what it learns from.
@@ -98,6 +106,12 @@ class Method:
     sampled: bool = False
     trains: bool = False
     prunes_hidden: bool = True
+    # what a run holds in memory (vtrans plan): whether choosing backpropagates into masks or weights, how
+    # many sequences one forward carries on every process when the method batches its own (None: the run's
+    # batch, shared by the processes), and whether the choice ends with the least-squares rescaling by default
+    backprop: bool = True
+    forward_sequences: int | None = None
+    rescales: Callable[[Adapter], bool] = never_rescales
 
     def prune_epochs(self, job: Job) -> float:
         default = SAMPLE_EPOCHS if self.sampled else 1.0

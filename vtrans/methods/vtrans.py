@@ -324,6 +324,11 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     return Choice(kept=kept, scale=mu, log=log)
 
 
+def rescales_frozen(adapter) -> bool:
+    """Whether a run with frozen weights (Faster-VTrans) ends with the least-squares fit by default."""
+    return VTransSettings().rescales(train_weights=False, adapter=adapter)
+
+
 def settings_of(job: Job) -> VTransSettings:
     return job.vtrans if job.vtrans is not None else VTransSettings()
 
