@@ -146,6 +146,22 @@ def test_a_block_stays_while_most_of_its_contents_are_kept(model_and_adapter):
         assert changes["removed"]["heads"] + changes["removed"]["ffn"] > 0 and changes["added"]["attention"] == 0
 
 
+def test_the_selection_log_counts_blocks_kept_for_their_contents_as_moved_from_training(job):
+    """Training converged to attention block 1 off (its mask below threshold), its heads still above: selection
+    keeps the block for its heads, and the log says so. Counted from the hierarchical start instead, the
+    selection would look as if it had moved nothing."""
+    from vtrans.masks import VIBMasks
+
+    j = job("vtrans", target="flops=0.999")
+    shapes = j.adapter.dims().mask_shapes()
+    log_alpha = {name: torch.full(shape, 3.0) for name, shape in shapes.items()}
+    log_alpha["attention"][1] = -0.5
+    masks = VIBMasks(shapes, log_alpha)
+    keep, changes = vtrans_method.choose(j, masks, j.loader(), samples=32)
+    assert keep["attention"][1]
+    assert changes["added"]["attention"] == 1 and changes["added"]["heads"] == shapes["heads"][1], changes
+
+
 def test_the_least_worthy_units_inside_a_block_go_before_the_block(model_and_adapter):
     _, adapter = model_and_adapter
     shapes = adapter.dims().mask_shapes()

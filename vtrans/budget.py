@@ -126,7 +126,7 @@ def hierarchical_keep(scores: dict[str, torch.Tensor], threshold: float = 0.0) -
 
 
 def keep_changes(before: dict[str, torch.Tensor], after: Kept, dims) -> dict[str, dict[str, int]]:
-    """Units per group that `after` adds to or removes from the kept set `before` (the budget fix-up)."""
+    """Units per group that `after` adds to or removes from the kept set `before` (what selection changed)."""
     final = indicators(after, dims)
     added, removed = {}, {}
     for name, start in before.items():

@@ -131,7 +131,8 @@ def summary(report: dict, out) -> str:
 
 
 def _fixup_line(fixup: dict | None) -> list[str]:
-    """How far the budget fix-up moved the kept set that mask training converged to (none: no such line)."""
+    """How far selection (blocks kept for their contents, the budget fix-up) moved the kept set that mask
+    training converged to (none: no such line)."""
     if fixup is None:
         return []
     moved = [f"+{fixup['added'][g]}/-{fixup['removed'][g]} {g}" for g in fixup["added"]

@@ -29,7 +29,7 @@ measured on MiniLM, this beats folding in mu (three seeds: 83.19% vs 82.81% at f
 The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), blocks kept
 while most of their contents are (budget.hierarchical_keep), then brought within the budget (budget.select_kept)
 judging units by their first-order effect on the loss at that kept set, per cost (`choose`); the log records
-how many units that fix-up moved.
+how many units the selection moved from what training converged to (blocks kept for their contents included).
 
 Warm start (`mask_init="fisher"`): Adam moves every log_alpha by about the same step, so units started
 equal cross the threshold together and the expected cost collapses. Instead each unit starts at a
@@ -180,7 +180,9 @@ def _keep_tensors(kept, dims) -> dict[str, torch.Tensor]:
 
 
 def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """The kept set at the end of the search (as 0/1 tensors) and how far the budget fix-up moved it.
+    """The kept set at the end of the search (as 0/1 tensors) and how far it is from what training converged to
+    (mu^2 > sigma^2, nothing inside a dropped block): the blocks the hierarchical rule keeps for their
+    contents, and the budget fix-up.
 
     The fix-up judges units by their first-order effect on the loss at the searched model (Fisher information
     at the kept set, scaled by mu), per cost: keep probabilities saturate near 1, so per cost they would only
@@ -196,7 +198,7 @@ def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, t
     worth |= _never_dropped(job, dims)
     worth |= {block: torch.zeros(dims.layers) for block in BLOCK_CONTENTS}  # a block is worth what it holds
     kept = select_kept(job.adapter, worth, job.budget, start)
-    return _keep_tensors(kept, dims), keep_changes(start, kept, dims)
+    return _keep_tensors(kept, dims), keep_changes(masks.keep(), kept, dims)
 
 
 def expected_fraction(job: Job, masks: VIBMasks, temperature: float, dense: dict) -> torch.Tensor:
