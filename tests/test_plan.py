@@ -65,3 +65,18 @@ def test_plan_counts_the_rescalings_streams_where_a_method_rescales(tmp_path):
     assert result["peak_gb"]["vtrans"] * 2**30 < RUNTIME_BYTES + 5 * 4 * params + streams / 2
     shared = plan(str(ckpt), "flops=0.5", ["fisher"], batch=1, seq_len=16, lean=Lean(processes=2))["peak_gb"]
     assert shared["fisher"] < result["peak_gb"]["fisher"]
+
+
+def test_optin_forwards_its_own_batch_on_every_process_and_the_backprop_methods_share_theirs(tmp_path):
+    """OPTIN's forwards carry its calibration sequences times the units ablated at once, whatever the run's
+    batch or processes; a method that backpropagates holds its share of the batch per process."""
+    ckpt = write_tiny_checkpoint(tmp_path / "model", "bert")
+
+    def peaks(batch, processes):
+        lean = Lean(processes=processes)
+        return plan(str(ckpt), "flops=0.5", ["optin", "fisher", "vtrans"], batch=batch, seq_len=16,
+                    lean=lean)["peak_gb"]
+
+    small, large, shared = peaks(1, 1), peaks(512, 1), peaks(512, 2)
+    assert small["optin"] == large["optin"] == shared["optin"]
+    assert large["vtrans"] > shared["vtrans"] > small["vtrans"]

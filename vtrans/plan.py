@@ -80,8 +80,13 @@ def rescale_bytes(dims, seq_len: int, processes: int) -> float:
 
 def estimate(method: str, params: float, dims, outputs: int, head_all_tokens: bool, batch: int,
              seq_len: int, lean: Lean = Lean(), rescales: bool = False) -> Estimate:
-    trains, backprop = METHODS[method].trains, METHODS[method].backprop
-    batch = METHODS[method].forward_sequences or -(-batch // lean.processes)
+    spec = METHODS[method]
+    trains = spec.trains
+    backprop = spec.backprop
+    if spec.forward_sequences is not None:  # the method's own batch, on every process (OPTIN)
+        batch = spec.forward_sequences
+    else:  # data parallel: each process its share of the batch
+        batch = -(-batch // lean.processes)
     per_token = 18 * dims.hidden + 3 * dims.ffn + 2 * dims.heads * dims.query_group * seq_len
     if backprop and trains and lean.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
         activations = (dims.layers * dims.hidden + per_token) * batch * seq_len * FLOAT

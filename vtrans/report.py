@@ -45,7 +45,8 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
         "dense_kept": _with_query_heads(dense_kept.sizes(), query_group),
         "kept_units": {"hidden": kept.hidden, "heads": kept.heads, "ffn": kept.ffn},  # dense indices (probe)
         "compression_seconds": compression_seconds,
-        # units the budget fix-up added to / removed from the set mask training converged to (VIB methods)
+        # units selection (blocks kept for their contents, the budget fix-up) added to / removed from the set
+        # mask training converged to (VIB methods)
         "selection_fixup": next(({k: row[k] for k in ("added", "removed")} for row in log
                                  if row.get("phase") == "select"), None),
         "teacher_fine_tuned_at": teacher_cache,
@@ -137,7 +138,7 @@ def _fixup_line(fixup: dict | None) -> list[str]:
         return []
     moved = [f"+{fixup['added'][g]}/-{fixup['removed'][g]} {g}" for g in fixup["added"]
              if fixup["added"][g] or fixup["removed"][g]]
-    return [f"  fix-up    {', '.join(moved) if moved else 'none: training met the budget'}"]
+    return [f"  selection {', '.join(moved) if moved else 'as training left it'}"]
 
 
 PIPELINE_TAGS = {"classification": "text-classification", "lm": "text-generation", "features": "feature-extraction",

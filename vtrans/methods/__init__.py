@@ -5,10 +5,24 @@ from vtrans.methods.base import run as _run
 
 METHODS = {
     "vtrans": Method(vtrans.choose_trained, trains=True),
-    "fast-vtrans": Method(vtrans.choose_trained, sampled=True, trains=True, prunes_hidden=False),
-    "faster-vtrans": Method(vtrans.choose_frozen, sampled=True, prunes_hidden=False,
-                            rescales=vtrans.rescales_frozen),
-    "optin": Method(optin.choose, prunes_hidden=False, backprop=False, forward_sequences=optin.FORWARD_SEQUENCES),
+    "fast-vtrans": Method(
+        vtrans.choose_trained,
+        sampled=True,
+        trains=True,
+        prunes_hidden=False,
+    ),
+    "faster-vtrans": Method(
+        vtrans.choose_frozen,
+        sampled=True,
+        prunes_hidden=False,
+        rescales=vtrans.rescales_frozen,
+    ),
+    "optin": Method(
+        optin.choose,
+        prunes_hidden=False,
+        backprop=False,
+        forward_sequences=optin.FORWARD_SEQUENCES,
+    ),
     "random": Method(baselines.choose_random, prunes_hidden=False, backprop=False),
     "magnitude": Method(baselines.choose_magnitude, prunes_hidden=False, backprop=False),
     "fisher": Method(baselines.choose_fisher, prunes_hidden=False, rescales=always_rescales),

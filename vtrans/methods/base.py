@@ -100,15 +100,17 @@ class Method:
     `data_fraction` of the data; a `trains` method recovers after the cut by default (as many epochs as it
     pruned), the others only when asked. A method both sampled and trained (Fast-VTrans) trains its weights on
     varied copies of the sample, labelled by the teacher (`Job.augment`, data.Augmented).
+
+    What a run holds in memory (`vtrans plan`): `backprop`, whether choosing backpropagates into masks or
+    weights; `forward_sequences`, how many sequences one forward carries on every process when the method
+    batches its own (None: the run's batch, shared by the processes); `rescales(adapter)`, whether the choice
+    ends with the least-squares rescaling by default.
     """
 
     choose: Callable[..., Choice]
     sampled: bool = False
     trains: bool = False
     prunes_hidden: bool = True
-    # what a run holds in memory (vtrans plan): whether choosing backpropagates into masks or weights, how
-    # many sequences one forward carries on every process when the method batches its own (None: the run's
-    # batch, shared by the processes), and whether the choice ends with the least-squares rescaling by default
     backprop: bool = True
     forward_sequences: int | None = None
     rescales: Callable[[Adapter], bool] = never_rescales

@@ -35,6 +35,7 @@ class OptinSettings:
 # sequences in one of OPTIN's forwards: its calibration sequences, once per unit it ablates in that forward
 FORWARD_SEQUENCES = OptinSettings().calibration_samples * OptinSettings().units_per_forward
 
+
 def _token_gram(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Per-example Gram matrix of L2-normalised token features, padding zeroed: (B, S, S)."""
     features = F.normalize(hidden.float(), dim=-1) * tokens

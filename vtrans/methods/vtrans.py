@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from vtrans import distributed
-from vtrans.arch import MaskValues, detach_masks
+from vtrans.arch import Adapter, MaskValues, detach_masks
 from vtrans.budget import (
     BLOCK_CONTENTS,
     Selection,
@@ -182,7 +182,7 @@ def _keep_tensors(kept, dims) -> dict[str, torch.Tensor]:
 def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, torch.Tensor], dict]:
     """The kept set at the end of the search (as 0/1 tensors) and how far it is from what training converged to
     (mu^2 > sigma^2, nothing inside a dropped block): the blocks the hierarchical rule keeps for their
-    contents, and the budget fix-up.
+    contents, the budget fix-up, and with `--round-to` the rounding to multiples.
 
     The fix-up judges units by their first-order effect on the loss at the searched model (Fisher information
     at the kept set, scaled by mu), per cost: keep probabilities saturate near 1, so per cost they would only
@@ -326,7 +326,7 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     return Choice(kept=kept, scale=mu, log=log)
 
 
-def rescales_frozen(adapter) -> bool:
+def rescales_frozen(adapter: Adapter) -> bool:
     """Whether a run with frozen weights (Faster-VTrans) ends with the least-squares fit by default."""
     return VTransSettings().rescales(train_weights=False, adapter=adapter)
 
