@@ -160,6 +160,7 @@ def test_the_selection_log_counts_blocks_kept_for_their_contents_as_moved_from_t
     keep, changes = vtrans_method.choose(j, masks, j.loader(), samples=32)
     assert keep["attention"][1]
     assert changes["added"]["attention"] == 1 and changes["added"]["heads"] == shapes["heads"][1], changes
+    assert changes["kept_back"] == {"attention": 1, "ffn_block": 0}
 
 
 def test_the_least_worthy_units_inside_a_block_go_before_the_block(model_and_adapter):

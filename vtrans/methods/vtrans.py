@@ -198,7 +198,11 @@ def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, t
     worth |= _never_dropped(job, dims)
     worth |= {block: torch.zeros(dims.layers) for block in BLOCK_CONTENTS}  # a block is worth what it holds
     kept = select_kept(job.adapter, worth, job.budget, start)
-    return _keep_tensors(kept, dims), keep_changes(masks.keep(), kept, dims)
+    converged = masks.keep()
+    changes = keep_changes(converged, kept, dims)
+    # blocks training switched off that the hierarchical rule kept for their contents, before the fix-up
+    changes["kept_back"] = {block: int((start[block] & ~converged[block]).sum()) for block in BLOCK_CONTENTS}
+    return _keep_tensors(kept, dims), changes
 
 
 def expected_fraction(job: Job, masks: VIBMasks, temperature: float, dense: dict) -> torch.Tensor:
