@@ -442,3 +442,29 @@ def assert_each_fit_is_stationary(j, kept, scale, log, loader) -> None:
     finally:
         detach_masks(handles)
         values.set(None)
+
+
+def test_optin_scores_once_per_model_data_and_settings_and_reads_them_at_another_budget(job, monkeypatch, tmp_path):
+    """A second OPTIN run at another budget reads the cached scores (no scoring pass) and gets the same scores;
+    a changed weight or setting scores again."""
+    monkeypatch.setenv("VTRANS_CACHE", str(tmp_path / "cache"))
+    passes = []
+    score = optin.trajectory_scores
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(optin, "trajectory_scores", counted)
+    first = optin.choose(job("optin", target="flops=0.6"))
+    second = optin.choose(job("optin", target="flops=0.4"))
+    assert len(passes) == 1 and list((tmp_path / "cache" / "optin").iterdir())
+    assert first.log == second.log  # the same scores, logged
+    assert first.kept != second.kept  # chosen again for the other budget
+    optin.choose(job("optin", target="flops=0.4"), settings=optin.OptinSettings(temperature=2.0))
+    assert len(passes) == 2
+    changed = job("optin", target="flops=0.4")
+    with torch.no_grad():
+        changed.model.bert.encoder.layer[0].intermediate.dense.weight[0, 0] += 1.0
+    optin.choose(changed)
+    assert len(passes) == 3

@@ -7,14 +7,20 @@ batched: `units_per_forward` copies of the calibration batch go through the laye
 one unit zeroed through the mask batch axis, and only the layers from the unit's own onwards are run.
 Then `search_kept` (methods/search.py) picks how many heads and neurons to keep under the budget. The hidden
 dimension is not pruned (OPTIN's scores are for heads and neurons).
+
+The scores do not depend on the budget, and scoring is most of OPTIN's time (6 minutes per run on DINOv2 on 2
+cores), so they are cached (`$VTRANS_CACHE/optin/`) under a digest of everything they are computed from: the
+model's weights, the calibration batch, the settings and the objective. A run at another budget reads them.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import hashlib
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vtrans import distributed
@@ -22,6 +28,7 @@ from vtrans.arch import MaskValues, call_layer, detach_masks, layer_stream, with
 from vtrans.data import Placed, example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
+from vtrans.teacher import cache_root
 
 
 @dataclass
@@ -51,16 +58,52 @@ def _repeat(value, copies: int, batch: int):
     return value
 
 
-@torch.no_grad()
-def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
-    """Importance of every head and FFN neuron ({'heads': (L, n), 'ffn': (L, F)}); higher = keep."""
-    model, adapter = job.model.eval(), job.adapter
-    dims = adapter.dims()
-    layers = adapter.layer_modules()
+def calibration_batch(job: Job, settings: OptinSettings) -> dict:
+    """A label-stratified batch of about `calibration_samples` training examples, without labels."""
     fraction = min(1.0, settings.calibration_samples / len(job.train))
     indices = stratified_indices(job.train.strata, fraction, job.seed)
     batch = Placed(job.train.collate, device=job.device)([job.train[i] for i in indices])
     batch.pop("labels", None)
+    return batch
+
+
+def _digest(job: Job, settings: OptinSettings, batch: dict) -> str:
+    """What the scores are computed from: the weights, the calibration batch, the settings, the objective."""
+    digest = hashlib.sha256(repr((type(job.model).__name__, job.objective.name, astuple(settings))).encode())
+    named = [*job.model.state_dict().items(), *sorted(batch.items())]
+    for name, tensor in named:
+        if torch.is_tensor(tensor):
+            digest.update(name.encode())
+            digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
+    """`trajectory_scores`, read from the cache where a run of the same model, data and settings left them."""
+    batch = calibration_batch(job, settings)
+    path = cache_root() / "optin" / f"{_digest(job, settings, batch)}.safetensors"
+    if distributed.from_main(path.is_file()):  # one decision: scoring is collective
+        stored = load_file(path)
+        return {group: stored[group] for group in ("heads", "ffn")}  # in the order they were scored
+    scores = trajectory_scores(job, settings, batch)
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        save_file(scores, partial)
+        partial.replace(path)  # nothing half-written is ever read
+    distributed.barrier()
+    return scores
+
+
+@torch.no_grad()
+def trajectory_scores(job: Job, settings: OptinSettings, batch: dict | None = None) -> dict[str, torch.Tensor]:
+    """Importance of every head and FFN neuron ({'heads': (L, n), 'ffn': (L, F)}); higher = keep. `batch`: the
+    calibration batch (by default `calibration_batch`)."""
+    model, adapter = job.model.eval(), job.adapter
+    dims = adapter.dims()
+    layers = adapter.layer_modules()
+    batch = calibration_batch(job, settings) if batch is None else batch
     b = example_count(batch)
 
     captured = {}  # each layer's call in the dense forward: (stream, args, kwargs without the stream)
@@ -125,5 +168,5 @@ def trajectory_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tens
 
 
 def choose(job: Job, *_, settings: OptinSettings | None = None) -> Choice:
-    scores = trajectory_scores(job, settings or OptinSettings())
+    scores = cached_scores(job, settings or OptinSettings())
     return Choice(kept=search_kept(job.adapter, job.budget, scores), log=score_log(scores))
