@@ -64,6 +64,19 @@ def random_kept(adapter, seed: int = 0, drop_blocks: bool = True) -> Kept:
                 ffn=[some(dims.ffn) for _ in range(dims.layers)], attention=attention, ffn_block=ffn_block)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def vtrans_cache(tmp_path_factory):
+    """Caches (teachers, OPTIN's scores, latency models) in a directory of this test session's, never the user's:
+    a test must not read what an earlier session left. Tests that want a cache of their own still set one."""
+    previous = os.environ.get("VTRANS_CACHE")
+    os.environ["VTRANS_CACHE"] = str(tmp_path_factory.mktemp("vtrans-cache"))
+    yield
+    if previous is None:
+        del os.environ["VTRANS_CACHE"]
+    else:
+        os.environ["VTRANS_CACHE"] = previous
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param

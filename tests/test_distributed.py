@@ -1,6 +1,7 @@
 """Past one process: data parallel under torchrun (gloo on the CPU), --device and --dtype."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,9 +47,15 @@ def test_two_processes_give_what_one_gives(files, method):
     Fisher scores of its warm start and fix-up (without the gradient average the logits differ by about
     2e-3); fisher the summed least-squares systems; optin the units split over ranks. Those two share the
     1-process teacher: the tiny model's OPTIN scores are ~1e-8 apart, so the last-bit differences of a teacher
-    fine-tuned in 2 processes would reorder them."""
-    caches = {1: "cache-1", 2: "cache-2" if method == "vtrans" else "cache-1"}
-    one, two = (files / _compress(files, method, n, caches[n]) for n in (1, 2))
+    fine-tuned in 2 processes would reorder them. OPTIN's 2-process run gets a copy of that teacher in a cache
+    of its own, so that it scores (its scores are cached too) rather than reading the 1-process scores."""
+    caches = {1: "cache-1", 2: "cache-2" if method == "vtrans" else f"cache-2-{method}"}
+    one = files / _compress(files, method, 1, caches[1])
+    if method != "vtrans":
+        shutil.copytree(files / caches[1] / "teachers", files / caches[2] / "teachers", dirs_exist_ok=True)
+    two = files / _compress(files, method, 2, caches[2])
+    if method == "optin":
+        assert len(list((files / caches[2] / "optin").glob("*.safetensors"))) == 1  # scored, not read
     kept_one = json.loads((one / "report.json").read_text())["kept_units"]
     kept_two = json.loads((two / "report.json").read_text())["kept_units"]
     assert kept_two == kept_one

@@ -458,13 +458,18 @@ def test_optin_scores_once_per_model_data_and_settings_and_reads_them_at_another
     monkeypatch.setattr(optin, "trajectory_scores", counted)
     first = optin.choose(job("optin", target="flops=0.6"))
     second = optin.choose(job("optin", target="flops=0.4"))
-    assert len(passes) == 1 and list((tmp_path / "cache" / "optin").iterdir())
+    stored = list((tmp_path / "cache" / "optin").iterdir())
+    assert len(passes) == 1 and len(stored) == 1 and stored[0].suffix == ".safetensors"  # no scratch file left
     assert first.log == second.log  # the same scores, logged
     assert first.kept != second.kept  # chosen again for the other budget
     optin.choose(job("optin", target="flops=0.4"), settings=optin.OptinSettings(temperature=2.0))
     assert len(passes) == 2
+    optin.choose(job("optin", target="flops=0.4", seed=1))  # another calibration batch
+    assert len(passes) == 3
+    stored[0].write_bytes(b"truncated")  # an unusable file is scored again, not fatal
+    assert optin.choose(job("optin", target="flops=0.4")).log == first.log and len(passes) == 4
     changed = job("optin", target="flops=0.4")
     with torch.no_grad():
         changed.model.bert.encoder.layer[0].intermediate.dense.weight[0, 0] += 1.0
     optin.choose(changed)
-    assert len(passes) == 3
+    assert len(passes) == 5

@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import os
+import tempfile
 from dataclasses import astuple, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -39,6 +45,8 @@ class OptinSettings:
     temperature: float = 4.0
 
 
+SCORED = ("heads", "ffn")  # the groups OPTIN scores, in this order
+SCORES_VERSION = 1  # raise when the scores' definition changes: cached scores of other code are not read
 # sequences in one of OPTIN's forwards: its calibration sequences, once per unit it ablates in that forward
 FORWARD_SEQUENCES = OptinSettings().calibration_samples * OptinSettings().units_per_forward
 
@@ -68,31 +76,69 @@ def calibration_batch(job: Job, settings: OptinSettings) -> dict:
 
 
 def _digest(job: Job, settings: OptinSettings, batch: dict) -> str:
-    """What the scores are computed from: the weights, the calibration batch, the settings, the objective."""
-    digest = hashlib.sha256(repr((type(job.model).__name__, job.objective.name, astuple(settings))).encode())
+    """Everything the scores are computed from: the model (class, config, weights), the calibration batch (the
+    data, seed and length reach the scores only through it), the settings, the objective, the device, and the
+    code (SCORES_VERSION, transformers' version)."""
+    config = {k: v for k, v in job.model.config.to_diff_dict().items() if k != "_name_or_path"}
+    digest = hashlib.sha256()
+    for part in (SCORES_VERSION, transformers.__version__, type(job.model).__name__, config,
+                 job.objective.name, astuple(settings), job.device.type):
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    # non-tensor entries (a module's _extra_state) carry no weights
     named = [*job.model.state_dict().items(), *sorted(batch.items())]
     for name, tensor in named:
         if torch.is_tensor(tensor):
             digest.update(name.encode())
             digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
-            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())  # no extra host copy
     return digest.hexdigest()[:32]
 
 
-def cached_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
-    """`trajectory_scores`, read from the cache where a run of the same model, data and settings left them."""
-    batch = calibration_batch(job, settings)
-    path = cache_root() / "optin" / f"{_digest(job, settings, batch)}.safetensors"
-    if distributed.from_main(path.is_file()):  # one decision: scoring is collective
+def _read(path: Path, dims) -> dict[str, torch.Tensor] | None:
+    """The scores stored at `path`, or None where there are none or they are unusable (a truncated file, other
+    shapes): scoring again is always safe."""
+    if not path.is_file():
+        return None
+    try:
         stored = load_file(path)
-        return {group: stored[group] for group in ("heads", "ffn")}  # in the order they were scored
+        scores = {group: stored[group] for group in SCORED}  # in the order they were scored
+    except (OSError, KeyError, SafetensorError):
+        return None
+    shapes = {"heads": (dims.layers, dims.heads), "ffn": (dims.layers, dims.ffn)}
+    return scores if all(tuple(scores[g].shape) == shapes[g] for g in SCORED) else None
+
+
+def _write(path: Path, scores: dict[str, torch.Tensor]) -> None:
+    """Atomically, through a temporary file of this writer's own (runs at two budgets may score at once). A
+    cache that cannot be written (read-only, full) costs the next run a scoring, not this run its scores."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+        os.close(handle)
+        try:
+            save_file(scores, partial)
+            os.replace(partial, path)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def cached_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
+    """`trajectory_scores`, read from the cache where a run of the same model, data and settings left them.
+    Rank 0 reads the cache and hands its scores to the other ranks: one decision, since scoring is collective,
+    and no file system shared across machines needed."""
+    batch = calibration_batch(job, settings)
+    found = None
+    if distributed.is_main():
+        path = cache_root() / "optin" / f"{_digest(job, settings, batch)}.safetensors"
+        found = _read(path, job.adapter.dims())
+    found = distributed.from_main(found)
+    if found is not None:
+        return found
     scores = trajectory_scores(job, settings, batch)
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        save_file(scores, partial)
-        partial.replace(path)  # nothing half-written is ever read
-    distributed.barrier()
+        _write(path, scores)
     return scores
 
 
@@ -126,7 +172,7 @@ def trajectory_scores(job: Job, settings: OptinSettings, batch: dict | None = No
     values = MaskValues()
     handles = adapter.attach_masks(values)
     ones = {name: torch.ones(1, *shape) for name, shape in dims.mask_shapes().items()}
-    scores = {"heads": torch.zeros(dims.layers, dims.heads), "ffn": torch.zeros(dims.layers, dims.ffn)}
+    scores = {"heads": torch.zeros(dims.layers, dims.heads), "ffn": torch.zeros(dims.layers, dims.ffn)}  # SCORED
     # the chunks of units scored in one forward, split round-robin over data-parallel ranks
     chunks = [(i, group, list(range(start, min(start + settings.units_per_forward, count))))
               for i in range(dims.layers)
