@@ -82,7 +82,8 @@ def quiet_transformers():
         transformers_logging.set_verbosity(level)
 
 
-def _fingerprint(*parts) -> str:
+def fingerprint(*parts) -> str:
+    """A short digest of JSON-able parts (what a cache entry was made from)."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -125,7 +126,7 @@ def load_teacher(name: str, objective, train, evaluation, options, say=print) ->
     label_map = label_ids([train, evaluation], None, None)
     num_labels = max(label_map.values()) + 1
     source = str(Path(name).resolve()) if Path(name).exists() else name
-    key = _fingerprint(source, objective.name, train.identity(), label_map, objective.tokens(config, options),
+    key = fingerprint(source, objective.name, train.identity(), label_map, objective.tokens(config, options),
                        options.batch_size, options.teacher_epochs, options.teacher_lr, options.seed,
                        transformers.__version__)
     cached = cache_root() / "teachers" / key

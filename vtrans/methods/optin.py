@@ -9,14 +9,13 @@ Then `search_kept` (methods/search.py) picks how many heads and neurons to keep 
 dimension is not pruned (OPTIN's scores are for heads and neurons).
 
 The scores do not depend on the budget, and scoring is most of OPTIN's time (6 minutes per run on DINOv2 on 2
-cores), so they are cached (`$VTRANS_CACHE/optin/`) under a digest of everything they are computed from: the
-model's weights, the calibration batch, the settings and the objective. A run at another budget reads them.
+cores), so they are cached (`$VTRANS_CACHE/optin/`) under a digest of everything they are computed from (see
+`_digest`). A run at another budget reads them.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import astuple, dataclass
@@ -34,7 +33,7 @@ from vtrans.arch import MaskValues, call_layer, detach_masks, layer_stream, with
 from vtrans.data import Placed, example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
-from vtrans.teacher import cache_root
+from vtrans.teacher import cache_root, fingerprint
 
 
 @dataclass
@@ -45,7 +44,6 @@ class OptinSettings:
     temperature: float = 4.0
 
 
-SCORED = ("heads", "ffn")  # the groups OPTIN scores, in this order
 SCORES_VERSION = 1  # raise when the scores' definition changes: cached scores of other code are not read
 # sequences in one of OPTIN's forwards: its calibration sequences, once per unit it ablates in that forward
 FORWARD_SEQUENCES = OptinSettings().calibration_samples * OptinSettings().units_per_forward
@@ -66,6 +64,11 @@ def _repeat(value, copies: int, batch: int):
     return value
 
 
+def _score_shapes(dims) -> dict[str, tuple[int, int]]:
+    """One score per head and per FFN neuron of every layer, in the order they are scored."""
+    return {"heads": (dims.layers, dims.heads), "ffn": (dims.layers, dims.ffn)}
+
+
 def calibration_batch(job: Job, settings: OptinSettings) -> dict:
     """A label-stratified batch of about `calibration_samples` training examples, without labels."""
     fraction = min(1.0, settings.calibration_samples / len(job.train))
@@ -80,10 +83,9 @@ def _digest(job: Job, settings: OptinSettings, batch: dict) -> str:
     data, seed and length reach the scores only through it), the settings, the objective, the device, and the
     code (SCORES_VERSION, transformers' version)."""
     config = {k: v for k, v in job.model.config.to_diff_dict().items() if k != "_name_or_path"}
-    digest = hashlib.sha256()
-    for part in (SCORES_VERSION, transformers.__version__, type(job.model).__name__, config,
-                 job.objective.name, astuple(settings), job.device.type):
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    described = fingerprint(SCORES_VERSION, transformers.__version__, type(job.model).__name__, config,
+                            job.objective.name, astuple(settings), job.device.type)
+    digest = hashlib.sha256(described.encode())
     # non-tensor entries (a module's _extra_state) carry no weights
     named = [*job.model.state_dict().items(), *sorted(batch.items())]
     for name, tensor in named:
@@ -99,13 +101,13 @@ def _read(path: Path, dims) -> dict[str, torch.Tensor] | None:
     shapes): scoring again is always safe."""
     if not path.is_file():
         return None
+    shapes = _score_shapes(dims)
     try:
         stored = load_file(path)
-        scores = {group: stored[group] for group in SCORED}  # in the order they were scored
+        scores = {group: stored[group] for group in shapes}  # in the order they were scored
     except (OSError, KeyError, SafetensorError):
         return None
-    shapes = {"heads": (dims.layers, dims.heads), "ffn": (dims.layers, dims.ffn)}
-    return scores if all(tuple(scores[g].shape) == shapes[g] for g in SCORED) else None
+    return scores if all(tuple(scores[g].shape) == shape for g, shape in shapes.items()) else None
 
 
 def _write(path: Path, scores: dict[str, torch.Tensor]) -> None:
@@ -172,7 +174,7 @@ def trajectory_scores(job: Job, settings: OptinSettings, batch: dict | None = No
     values = MaskValues()
     handles = adapter.attach_masks(values)
     ones = {name: torch.ones(1, *shape) for name, shape in dims.mask_shapes().items()}
-    scores = {"heads": torch.zeros(dims.layers, dims.heads), "ffn": torch.zeros(dims.layers, dims.ffn)}  # SCORED
+    scores = {group: torch.zeros(shape) for group, shape in _score_shapes(dims).items()}
     # the chunks of units scored in one forward, split round-robin over data-parallel ranks
     chunks = [(i, group, list(range(start, min(start + settings.units_per_forward, count))))
               for i in range(dims.layers)
