@@ -125,14 +125,20 @@ def hierarchical_keep(scores: dict[str, torch.Tensor], threshold: float = 0.0) -
     return keep
 
 
+def within_blocks(keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`keep` (0/1 or bool per unit) with nothing kept inside a dropped block."""
+    out = {name: k.bool() for name, k in keep.items()}
+    for block, contents in BLOCK_CONTENTS.items():
+        out[contents] = out[contents] & out[block].unsqueeze(-1)
+    return out
+
+
 def keep_changes(before: dict[str, torch.Tensor], after: Kept, dims) -> dict[str, dict[str, int]]:
     """Units per group that `after` adds to or removes from the kept set `before` (what selection changed)."""
     final = indicators(after, dims)
     added, removed = {}, {}
-    for name, start in before.items():
-        start, end = start.bool(), final[name].bool()
-        if name in CONTAINER:  # units inside a dropped block are not kept
-            start = start & before[CONTAINER[name]].bool().unsqueeze(-1)
+    for name, start in within_blocks(before).items():
+        end = final[name].bool()
         added[name] = int((end & ~start).sum())
         removed[name] = int((start & ~end).sum())
     return {"added": added, "removed": removed}

@@ -55,6 +55,7 @@ from vtrans.budget import (
     keep_changes,
     kept_from_keep,
     select_kept,
+    within_blocks,
 )
 from vtrans.checkpoint import capture, restore
 from vtrans.data import example_count, token_mask
@@ -190,9 +191,7 @@ def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, t
     dims = job.adapter.dims()
     start = hierarchical_keep(masks.log_alphas())
     mu = {name: m.mu.detach() for name, m in masks.groups.items()}
-    kept_now = {name: keep.float() for name, keep in start.items()}
-    for block, contents in BLOCK_CONTENTS.items():  # nothing inside a dropped block is kept
-        kept_now[contents] = kept_now[contents] * kept_now[block].unsqueeze(-1)
+    kept_now = within_blocks(start)
     at = {name: mu[name] * kept_now[name] for name in mu}
     worth = fisher_scores(job, _own_order(job, loader), _scored_groups(job), limit=samples, at=at, size=mu)
     worth |= _never_dropped(job, dims)
