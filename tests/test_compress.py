@@ -30,6 +30,9 @@ def test_compress_meets_budget_and_reloads(tmp_path, family, target):
     assert float(value) * 0.99 <= achieved <= float(value)
     assert report["compressed"]["params"] == sum(p.numel() for p in result.model.parameters())
     assert len(report["kept"]["layers"]) == 3 and report["compression_seconds"] > 0
+    phases = report["phase_seconds"]  # where the time went: choosing, then recovering, within the total
+    assert set(phases) == {"choose", "recover"} and phases["choose"] > 0 and phases["recover"] > 0
+    assert sum(phases.values()) <= report["compression_seconds"]
     assert set(report["selection_fixup"]) == {"added", "removed", "kept_back"}  # how far selection moved the set
     assert {"task", "kl", "expected_cost", "target"} <= set(json.loads(
         (tmp_path / "out" / "training_log.json").read_text())[0])

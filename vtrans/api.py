@@ -323,6 +323,7 @@ def compress(model: str | None = None, data: str | None = None, target: str = "f
             kept=outcome.kept,
             dense_kept=Kept.dense(teacher_adapter.dims()),
             compression_seconds=compression_seconds,
+            phase_seconds=outcome.seconds,
             teacher_cache=teacher.fine_tuned_at,
             seed=opts.seed,
             tolerance=TOLERANCE,

@@ -23,8 +23,16 @@ from vtrans.errors import UsageError
 from vtrans.methods import METHODS
 from vtrans.surgery import check_output_dir
 
-COLUMNS = ("method", "target", "FLOPs kept", "params", "metric", "compression s", "latency ms (dense -> ours)",
-           "speedup")
+COLUMNS = (
+    "method",
+    "target",
+    "FLOPs kept",
+    "params",
+    "metric",
+    "compression s (choose + recover)",
+    "latency ms (dense -> ours)",
+    "speedup",
+)
 
 
 RECOVER = "+recover"
@@ -54,9 +62,15 @@ def row_of(method: str, target: str, result=None, error: str | None = None) -> d
             "budget_met": report["budget"]["met"], "flops": small["flops"], "params": small["params"],
             "dense_flops": dense["flops"], "dense_params": dense["params"],
             "metric": metric, "value": small["metric"][metric], "dense_value": dense["metric"][metric],
-            "compression_seconds": report["compression_seconds"],
+            "compression_seconds": report["compression_seconds"], "phase_seconds": report["phase_seconds"],
             "latency_ms": small["latency_ms"], "dense_latency_ms": dense["latency_ms"], "speedup": report["speedup"],
             "latency_setting": report["latency_setting"], "kept": report["kept"], "dense_kept": report["dense_kept"]}
+
+
+def _seconds(row: dict) -> str:
+    phases = row.get("phase_seconds")
+    total = f"{row['compression_seconds']:.0f}"
+    return f"{total} ({phases['choose']:.0f} + {phases['recover']:.0f})" if phases else total
 
 
 def markdown(rows: list[dict]) -> str:
@@ -67,7 +81,7 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {r['method']} | {r['target']} | failed: {error} |" + " |" * (len(COLUMNS) - 3))
             continue
         lines.append(f"| {r['method']} | {r['target']} | {r['achieved_flops']:.4f} | {r['params'] / 1e6:.2f}M | "
-                     f"{r['metric']} {r['value']:.4f} | {r['compression_seconds']:.0f} | "
+                     f"{r['metric']} {r['value']:.4f} | {_seconds(r)} | "
                      f"{r['dense_latency_ms']:.1f} -> {r['latency_ms']:.1f} | {r['speedup']:.2f}x |")
     done = [r for r in rows if r["status"] == "ok"]
     if done:

@@ -19,7 +19,8 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
                  dense_cost: dict,
                  compressed_cost: dict, dense_metric: dict, compressed_metric: dict, latency: dict,
                  latency_shape: tuple[int, int], kept: Kept, dense_kept: Kept, compression_seconds: float,
-                 teacher_cache: str | None, seed: int, tolerance: float, log: list, query_group: int = 1,
+                 phase_seconds: dict[str, float], teacher_cache: str | None, seed: int, tolerance: float,
+                 log: list, query_group: int = 1,
                  quantized: dict | None = None) -> dict:
     """`query_group`: query heads per KV head; with grouped-query attention a kept head is a KV head and its
     query heads, and each layer's record gives both counts."""
@@ -45,6 +46,7 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
         "dense_kept": _with_query_heads(dense_kept.sizes(), query_group),
         "kept_units": {"hidden": kept.hidden, "heads": kept.heads, "ffn": kept.ffn},  # dense indices (probe)
         "compression_seconds": compression_seconds,
+        "phase_seconds": phase_seconds,  # of it, choosing the kept set (and cutting) and recovering
         # units selection (blocks kept for their contents, the budget fix-up) added to / removed from the set
         # mask training converged to (VIB methods)
         "selection_fixup": next(({k: row[k] for k in ("added", "removed", "kept_back")} for row in log
@@ -125,10 +127,16 @@ def summary(report: dict, out) -> str:
         *_int8_line(report.get("int8"), metric),
         f"  kept      hidden {report['kept']['hidden']}; {heads}/FFN per layer: {per_layer}",
         *_fixup_line(report.get("selection_fixup")),
-        f"  time      {report['compression_seconds']:.0f} s; "
+        f"  time      {report['compression_seconds']:.0f} s{_phases(report.get('phase_seconds'))}; "
         f"peak memory {report.get('peak_memory_mb', 0) / 1024:.1f} GB",
         f"  load it:  vtrans.load('{out}')",
     ])
+
+
+def _phases(seconds: dict | None) -> str:
+    if not seconds:
+        return ""
+    return f" (choosing {seconds['choose']:.0f} s, recovering {seconds['recover']:.0f} s)"
 
 
 def _fixup_line(fixup: dict | None) -> list[str]:
@@ -223,7 +231,8 @@ def write_html(out: str | Path) -> Path:
     setting = report["latency_setting"]
     parts = [f"<h1>vtrans: {e(report['method'])} on {e(report['model'])}</h1>",
              f"<p>Data: {e(report['data']['train'])}; evaluated on {e(report['data']['eval'])}. "
-             f"Compression took {report['compression_seconds']:.0f} s (seed {report['seed']}).</p>",
+             f"Compression took {report['compression_seconds']:.0f} s{_phases(report.get('phase_seconds'))} "
+             f"(seed {report['seed']}).</p>",
              "<h2>Budget</h2>",
              table(["kind", "target (fraction of dense)", "achieved", "met"],
                    [[budget["kind"], f"{budget['target_fraction']:.4f}", f"{budget['achieved_fraction']:.4f}",

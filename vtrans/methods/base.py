@@ -6,6 +6,7 @@ every method, so one-shot choices and VTrans compare like for like.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
@@ -80,6 +81,7 @@ class Outcome:
     model: nn.Module  # cut to `kept`
     kept: Kept
     log: list = field(default_factory=list)  # training curves, rows of {phase, step, ...}
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of choosing and of recovering
 
 
 def never_rescales(adapter: Adapter) -> bool:
@@ -140,6 +142,7 @@ def run(job: Job, method: Method) -> Outcome:
     remembers = method.sampled and not augmented
     teacher = TeacherOutputs(job.teacher, job.objective, SAMPLE_TEACHER_BYTES if remembers else 0)
     state = job.checkpoint.load() if job.checkpoint is not None and job.resume else None
+    started = time.perf_counter()
     if state is not None and state["phase"] == "recover":
         kept, log = Kept(**state["kept"]), state["log"]
         job.adapter.cut(kept)  # the weights, already folded, come from the checkpoint
@@ -147,6 +150,7 @@ def run(job: Job, method: Method) -> Outcome:
         choice = method.choose(job, loader, teacher, state, method.prune_epochs(job))
         kept, log, state = choice.kept, choice.log, None
         cut_model(job.adapter, kept, choice.scale)
+    chosen = time.perf_counter()
     settings = job.vtrans
     if settings is None:
         from vtrans.methods.vtrans import VTransSettings
@@ -159,4 +163,5 @@ def run(job: Job, method: Method) -> Outcome:
             settings.distill, job.objective, hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
             desc=f"{job.method}: recovering", log=log, checkpoint=job.checkpoint, state=state,
             extra={"kept": vars(kept)})
-    return Outcome(model=job.model, kept=kept, log=log)
+    seconds = {"choose": chosen - started, "recover": time.perf_counter() - chosen}
+    return Outcome(model=job.model, kept=kept, log=log, seconds=seconds)
