@@ -8,9 +8,11 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import write_sentiment_csv, write_tiny_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 import vtrans
 from vtrans.budget import parse_target
@@ -33,29 +35,47 @@ def env(tmp_path):
                 VTRANS_CACHE=str(tmp_path / "cache"))
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, env):
+def checkpointed_phase(state) -> str | None:
+    """The phase of the run's latest checkpoint, or None before the first (the file is replaced atomically)."""
+    if not state.exists():
+        return None
+    return torch.load(state, map_location="cpu", weights_only=True)["phase"]
+
+
+@pytest.mark.parametrize("phase, method", [("prune", "vtrans"), ("recover", "vtrans"), ("recover", "fast-vtrans")])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, env, phase, method):
+    """Killed after its first checkpoint of the mask search or of the recovery (which draws its batches on from
+    where the search left the shuffle, and for fast-vtrans varied copies), the resumed run ends with the
+    uninterrupted run's model, weight for weight."""
     model = write_tiny_checkpoint(tmp_path / "model")
     data = write_sentiment_csv(tmp_path / "train.csv")
-    subprocess.run(command(model, data, tmp_path / "whole"), env=env, check=True, capture_output=True)
+    args = ["--method", method, "--data-fraction", "0.5"]
+    if phase == "recover":  # many recovery checkpoints: one is caught before the run ends
+        args += ["--prune-epochs", "3", "--recover-epochs", "40"]
+    subprocess.run(command(model, data, tmp_path / "whole", *args), env=env, check=True, capture_output=True)
 
     out = tmp_path / "killed"
     state = tmp_path / ".killed.checkpoint" / "state.pt"
-    process = subprocess.Popen(command(model, data, out), env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command(model, data, out, *args), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    while checkpointed_phase(state) != phase and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert state.exists() and not out.exists(), "the run should die after its first checkpoint, before the end"
+    assert checkpointed_phase(state) == phase and not out.exists(), f"the run should die while {phase!r} runs"
 
-    refused = subprocess.run(command(model, data, out), env=env, capture_output=True, text=True)
+    refused = subprocess.run(command(model, data, out, *args), env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr  # no silent restart over a checkpoint
-    subprocess.run(command(model, data, out, "--resume"), env=env, check=True, capture_output=True)
+    subprocess.run(command(model, data, out, *args, "--resume"), env=env, check=True, capture_output=True)
     whole = json.loads((tmp_path / "whole" / "report.json").read_text())
     resumed = json.loads((out / "report.json").read_text())
     assert resumed["kept"] == whole["kept"]
     assert resumed["compressed"]["metric"] == whole["compressed"]["metric"]
+    weights = [load_file(run / "model.safetensors") for run in (tmp_path / "whole", out)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
     targets = [[row["target"] for row in json.loads((run / "training_log.json").read_text()) if "target" in row]
                for run in (tmp_path / "whole", out)]
     assert targets[0] == targets[1]  # the resumed ramp goes on from where the run's started

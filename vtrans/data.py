@@ -208,8 +208,8 @@ class Augmented:
     """A loader whose every batch is replaced by a varied copy (Examples.augment), for weights that learn from a
     small sample: on the sample itself they overfit it. The copies come from a seeded generator, so a run resumed
     while pruning, which draws again the batches it already saw, sees the same ones (one resumed while
-    recovering sees others: its loader starts afresh, as its shuffle does). Each data-parallel rank varies its
-    own rows with a generator of its own. Anything else (the dataset, batch size, collate function) is the
+    recovering starts from the state `order_state` saved where recovery began). Each data-parallel rank varies
+    its own rows with a generator of its own. Anything else (the dataset, batch size, collate function) is the
     loader's: what scores units reads the data as it is."""
 
     def __init__(self, loader, examples: Examples, share: float, seed: int):
@@ -229,6 +229,27 @@ class Augmented:
         if name == "loader":  # not set yet (a copy being made): no loader to ask
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+def order_state(loader) -> dict[str, torch.Tensor]:
+    """What decides the batches `loader` gives from now on: its shuffle's generator and, for varied copies,
+    every rank's generator of the copies (one checkpoint, written by rank 0, serves every rank). A run resumed
+    mid-phase draws and drops the batches it already saw (training.batches), so with this state, taken where the
+    phase began, it sees the batches an uninterrupted run does."""
+    if isinstance(loader, Augmented):
+        copies = torch.stack(distributed.every_rank(loader.generator.get_state()))
+        return {"copies": copies, **order_state(loader.loader)}
+    return {"shuffle": loader.generator.get_state()}
+
+
+def restore_order(loader, state: dict[str, torch.Tensor]) -> None:
+    """Put `loader` back where `order_state` found it. Varied copies are restored where the number of processes
+    is the one that saved them (with another, each rank's rows differ anyway)."""
+    if isinstance(loader, Augmented):
+        if state["copies"].shape[0] == distributed.world_size():
+            loader.generator.set_state(state["copies"][distributed.rank()])
+        loader = loader.loader
+    loader.generator.set_state(state["shuffle"])
 
 
 @dataclass

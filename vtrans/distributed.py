@@ -166,6 +166,15 @@ def from_main(value):
     return box[0]
 
 
+def every_rank(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not active():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def stop() -> None:
     if active():
         dist.destroy_process_group()

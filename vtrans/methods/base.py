@@ -16,7 +16,7 @@ from torch import nn
 from vtrans.arch import Adapter, Kept
 from vtrans.budget import Budget
 from vtrans.checkpoint import Checkpoint
-from vtrans.data import Augmented, Examples, stratified_indices
+from vtrans.data import Augmented, Examples, order_state, restore_order, stratified_indices
 from vtrans.objectives import Objective
 from vtrans.objectives.classification import Classification
 from vtrans.surgery import cut_model
@@ -159,9 +159,22 @@ def run(job: Job, method: Method) -> Outcome:
     if job.recover_fraction is not None:  # e.g. a sampled method's choice, recovered like every other method's
         loader = job.loader(job.recover_fraction)
         teacher = TeacherOutputs(job.teacher, job.objective, 0)  # data seen once: nothing worth remembering
-    distill(job.model, teacher, loader, steps_for(method.recover_epochs(job), loader), settings.recover_lr,
-            settings.distill, job.objective, hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
-            desc=f"{job.method}: recovering", log=log, checkpoint=job.checkpoint, state=state,
-            extra={"kept": vars(kept)})
+    if state is not None:  # resumed while recovering: the data order from where recovery began
+        restore_order(loader, state["order"])
+    distill(
+        job.model,
+        teacher,
+        loader,
+        steps_for(method.recover_epochs(job), loader),
+        settings.recover_lr,
+        settings.distill,
+        job.objective,
+        hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
+        desc=f"{job.method}: recovering",
+        log=log,
+        checkpoint=job.checkpoint,
+        state=state,
+        extra={"kept": vars(kept), "order": order_state(loader)},
+    )
     seconds = {"choose": chosen - started, "recover": time.perf_counter() - chosen}
     return Outcome(model=job.model, kept=kept, log=log, seconds=seconds)
