@@ -1,4 +1,7 @@
 import os
+import signal
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -164,3 +167,29 @@ def job(tmp_path):
         return Job(method=method, model=student, adapter=adapter_for(student), teacher=teacher,
                    budget=parse_target(target, 16), train=train, batch_size=16, **kw)
     return make
+
+
+def checkpointed_phase(state) -> str | None:
+    """The phase of a run's latest checkpoint file, or None before the first (the file is replaced atomically)."""
+    if not state.exists():
+        return None
+    return torch.load(state, map_location="cpu", weights_only=True)["phase"]
+
+
+def kill_once_checkpointed(process, state, phase: str, marker: str, timeout: float = 120) -> None:
+    """SIGKILL every process whose command line holds `marker` (the run and, under torchrun, its workers, which
+    live in sessions of their own) once the run's checkpoint `state` is of `phase`, or `process` ended."""
+    deadline = time.time() + timeout
+    while checkpointed_phase(state) != phase and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # not a process, or one that just ended
+            continue
+        if marker in command and entry.name.isdigit():
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    process.wait()

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import write_sentiment_csv, write_tiny_checkpoint
+from conftest import checkpointed_phase, kill_once_checkpointed, write_sentiment_csv, write_tiny_checkpoint
+from safetensors.torch import load_file
 
 import vtrans
 from vtrans.errors import UsageError
@@ -25,16 +26,23 @@ def files(tmp_path_factory):
     return root
 
 
-def _compress(root, method: str, processes: int, cache: str) -> str:
-    """`vtrans compress` in `processes` processes (torchrun, gloo), with the teacher cache `cache`; the DIR."""
-    out = f"{method}-{processes}"
+def _command(root, method: str, processes: int, cache: str, out: str, *extra: str) -> tuple[list[str], dict]:
+    """`vtrans compress` in `processes` processes (torchrun, gloo), with the teacher cache `cache`, and its
+    environment."""
     command = [sys.executable, "-m", "vtrans"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "vtrans"]
     args = ["compress", "model", "--data", "train.csv", "--eval-data", "test.csv", "--method", method,
             "--target", "flops=0.5", "--batch-size", "7", "--max-length", "16", "--device", "cpu",
-            "--teacher-lr", "1e-3", "--out", out]
+            "--teacher-lr", "1e-3", "--out", out, *extra]
     env = os.environ | {"VTRANS_CACHE": str(root / cache), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    done = subprocess.run(command + args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return command + args, env
+
+
+def _compress(root, method: str, processes: int, cache: str, out: str | None = None, *extra: str) -> str:
+    """Run that command to its end; the DIR."""
+    out = out or f"{method}-{processes}"
+    command, env = _command(root, method, processes, cache, out, *extra)
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -135,3 +143,22 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(runs[True].model(input_ids=ids).logits, runs[False].model(input_ids=ids).logits,
                                    atol=1e-5, rtol=0)
+
+
+def test_a_two_process_run_killed_while_recovering_resumes_to_the_uninterrupted_model(files):
+    """fast-vtrans recovers on varied copies of its sample, each rank varying its rows with a generator of its
+    own: the one checkpoint rank 0 writes holds every rank's, so both ranks resume the copies (and the shuffle)
+    where the uninterrupted run had them. Killed (the launcher and its workers) after a checkpoint of the
+    recovery, the resumed run ends with the uninterrupted model, weight for weight."""
+    extra = ("--data-fraction", "0.5", "--prune-epochs", "2", "--recover-epochs", "30", "--checkpoint-every", "5")
+    whole = _compress(files, "fast-vtrans", 2, "cache-resume", "resume-whole", *extra)
+    command, env = _command(files, "fast-vtrans", 2, "cache-resume", "resume-killed", *extra)
+    state = files / ".resume-killed.checkpoint" / "state.pt"
+    process = subprocess.Popen(command, cwd=files, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_once_checkpointed(process, state, "recover", marker="resume-killed")
+    assert checkpointed_phase(state) == "recover" and not (files / "resume-killed").exists()
+    resumed = _compress(files, "fast-vtrans", 2, "cache-resume", "resume-killed", *extra, "--resume")
+    weights = [load_file(files / run / "model.safetensors") for run in (whole, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name

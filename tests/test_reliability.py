@@ -2,14 +2,12 @@
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import write_sentiment_csv, write_tiny_checkpoint
+from conftest import checkpointed_phase, kill_once_checkpointed, write_sentiment_csv, write_tiny_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -35,13 +33,6 @@ def env(tmp_path):
                 VTRANS_CACHE=str(tmp_path / "cache"))
 
 
-def checkpointed_phase(state) -> str | None:
-    """The phase of the run's latest checkpoint, or None before the first (the file is replaced atomically)."""
-    if not state.exists():
-        return None
-    return torch.load(state, map_location="cpu", weights_only=True)["phase"]
-
-
 @pytest.mark.parametrize("phase, method", [("prune", "vtrans"), ("recover", "vtrans"), ("recover", "fast-vtrans")])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, env, phase, method):
     """Killed after its first checkpoint of the mask search or of the recovery (which draws its batches on from
@@ -58,11 +49,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, env, phase, 
     state = tmp_path / ".killed.checkpoint" / "state.pt"
     process = subprocess.Popen(command(model, data, out, *args), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while checkpointed_phase(state) != phase and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_once_checkpointed(process, state, phase, marker=str(out))
     assert checkpointed_phase(state) == phase and not out.exists(), f"the run should die while {phase!r} runs"
 
     refused = subprocess.run(command(model, data, out, *args), env=env, capture_output=True, text=True)

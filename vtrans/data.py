@@ -247,7 +247,8 @@ def restore_order(loader, state: dict[str, torch.Tensor]) -> None:
     is the one that saved them (with another, each rank's rows differ anyway)."""
     if isinstance(loader, Augmented):
         if state["copies"].shape[0] == distributed.world_size():
-            loader.generator.set_state(state["copies"][distributed.rank()])
+            # a copy: set_state reads the tensor's storage from its start, and a row of the stack is not there
+            loader.generator.set_state(state["copies"][distributed.rank()].clone())
         loader = loader.loader
     loader.generator.set_state(state["shuffle"])
 
