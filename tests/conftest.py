@@ -179,9 +179,14 @@ def checkpointed_phase(state) -> str | None:
 def kill_once_checkpointed(process, state, phase: str, marker: str, timeout: float = 120) -> None:
     """SIGKILL every process whose command line holds `marker` (the run and, under torchrun, its workers, which
     live in sessions of their own) once the run's checkpoint `state` is of `phase`, or `process` ended."""
-    deadline = time.time() + timeout
-    while checkpointed_phase(state) != phase and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    deadline, seen = time.time() + timeout, None
+    while process.poll() is None and time.time() < deadline:
+        written = state.stat().st_mtime_ns if state.exists() else None
+        if written != seen:  # read the file only when it changed: loading it takes the run's CPU
+            seen = written
+            if checkpointed_phase(state) == phase:
+                break
+        time.sleep(0.02)
     for entry in Path("/proc").iterdir():
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -190,6 +195,6 @@ def kill_once_checkpointed(process, state, phase: str, marker: str, timeout: flo
         if marker in command and entry.name.isdigit():
             try:
                 os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
+            except OSError:  # ended meanwhile, or not ours to kill
                 pass
     process.wait()

@@ -26,22 +26,24 @@ def files(tmp_path_factory):
     return root
 
 
-def _command(root, method: str, processes: int, cache: str, out: str, *extra: str) -> tuple[list[str], dict]:
+def _command(root, method: str, processes: int, cache: str, out: str, *extra: str,
+             model: str = "model") -> tuple[list[str], dict]:
     """`vtrans compress` in `processes` processes (torchrun, gloo), with the teacher cache `cache`, and its
     environment."""
     command = [sys.executable, "-m", "vtrans"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "vtrans"]
-    args = ["compress", "model", "--data", "train.csv", "--eval-data", "test.csv", "--method", method,
+    args = ["compress", model, "--data", "train.csv", "--eval-data", "test.csv", "--method", method,
             "--target", "flops=0.5", "--batch-size", "7", "--max-length", "16", "--device", "cpu",
             "--teacher-lr", "1e-3", "--out", out, *extra]
     env = os.environ | {"VTRANS_CACHE": str(root / cache), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     return command + args, env
 
 
-def _compress(root, method: str, processes: int, cache: str, out: str | None = None, *extra: str) -> str:
+def _compress(root, method: str, processes: int, cache: str, out: str | None = None, *extra: str,
+              model: str = "model") -> str:
     """Run that command to its end; the DIR."""
     out = out or f"{method}-{processes}"
-    command, env = _command(root, method, processes, cache, out, *extra)
+    command, env = _command(root, method, processes, cache, out, *extra, model=model)
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -147,17 +149,23 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
 
 def test_a_two_process_run_killed_while_recovering_resumes_to_the_uninterrupted_model(files):
     """fast-vtrans recovers on varied copies of its sample, each rank varying its rows with a generator of its
-    own: the one checkpoint rank 0 writes holds every rank's, so both ranks resume the copies (and the shuffle)
+    own, and here with dropout over uneven shares (batches of 7: 4 + 3 rows), so each rank's global generator
+    moves on differently. The one checkpoint rank 0 writes holds every rank's generators, so both ranks resume
     where the uninterrupted run had them. Killed (the launcher and its workers) after a checkpoint of the
     recovery, the resumed run ends with the uninterrupted model, weight for weight."""
+    model = files / "model-dropout"
+    shutil.copytree(files / "model", model, dirs_exist_ok=True)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"hidden_dropout_prob": 0.1}))
     extra = ("--data-fraction", "0.5", "--prune-epochs", "2", "--recover-epochs", "30", "--checkpoint-every", "5")
-    whole = _compress(files, "fast-vtrans", 2, "cache-resume", "resume-whole", *extra)
-    command, env = _command(files, "fast-vtrans", 2, "cache-resume", "resume-killed", *extra)
+    whole = _compress(files, "fast-vtrans", 2, "cache-resume", "resume-whole", *extra, model=model.name)
+    killed = str(files / "resume-killed")  # absolute: the marker that finds this run's processes, and only them
+    command, env = _command(files, "fast-vtrans", 2, "cache-resume", killed, *extra, model=model.name)
     state = files / ".resume-killed.checkpoint" / "state.pt"
     process = subprocess.Popen(command, cwd=files, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_once_checkpointed(process, state, "recover", marker="resume-killed")
+    kill_once_checkpointed(process, state, "recover", marker=killed)
     assert checkpointed_phase(state) == "recover" and not (files / "resume-killed").exists()
-    resumed = _compress(files, "fast-vtrans", 2, "cache-resume", "resume-killed", *extra, "--resume")
+    resumed = _compress(files, "fast-vtrans", 2, "cache-resume", killed, *extra, "--resume", model=model.name)
     weights = [load_file(files / run / "model.safetensors") for run in (whole, resumed)]
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():

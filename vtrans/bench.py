@@ -68,9 +68,9 @@ def row_of(method: str, target: str, result=None, error: str | None = None) -> d
 
 
 def _seconds(row: dict) -> str:
-    phases = row.get("phase_seconds")
-    total = f"{row['compression_seconds']:.0f}"
-    return f"{total} ({phases['choose']:.0f} + {phases['recover']:.0f})" if phases else total
+    """The compression time and its parts: 'total (choose + recover)'."""
+    phases = row["phase_seconds"]
+    return f"{row['compression_seconds']:.0f} ({phases['choose']:.0f} + {phases['recover']:.0f})"
 
 
 def markdown(rows: list[dict]) -> str:

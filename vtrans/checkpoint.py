@@ -60,14 +60,34 @@ class Checkpoint:
 
 
 def capture(phase: str, step: int, objects: dict, **extra) -> dict:
-    """The state of `objects` (anything with state_dict) and of the global RNG after `step`."""
-    return {"phase": phase, "step": step, "rng": torch.get_rng_state(),
+    """The state of `objects` (anything with state_dict) and of every rank's global random generators after
+    `step`. Called on every rank (the generators are gathered), saved by rank 0."""
+    return {"phase": phase, "step": step, **_generator_states(),
             "objects": {name: obj.state_dict() for name, obj in objects.items()}, **extra}
 
 
 def restore(state: dict, objects: dict) -> int:
-    """Load `objects` and the RNG from `state`; return the step to continue from."""
+    """Load `objects` and this rank's random generators from `state`; return the step to continue from."""
     for name, obj in objects.items():
         obj.load_state_dict(state["objects"][name])
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(_own_row(state["rng"]))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_own_row(state["cuda_rng"]))
     return state["step"] + 1
+
+
+def _generator_states() -> dict[str, torch.Tensor]:
+    """Every rank's CPU (and, where CUDA is in use, GPU) generator state, one row per rank: ranks consume them
+    unevenly where dropout runs over batch shares of different sizes."""
+    states = {"rng": torch.stack(distributed.every_rank(torch.get_rng_state()))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.stack(distributed.every_rank(torch.cuda.get_rng_state()))
+    return states
+
+
+def _own_row(states: torch.Tensor) -> torch.Tensor:
+    """This rank's state; rank 0's where another number of processes saved them (or one state: older files)."""
+    if states.dim() == 1:
+        return states
+    row = distributed.rank() if states.shape[0] == distributed.world_size() else 0
+    return states[row].clone()  # a copy: setting a generator from a row of the stack reads the wrong bytes

@@ -15,7 +15,10 @@ of the rows (`shard`, applied by the training loaders), and:
   - only rank 0 writes (the output directory, checkpoints, the teacher cache), and decisions that rest on a
     file or a measurement (is the teacher cached? this machine's latency fit) are rank 0's, sent to all
     (`from_main`);
-  - a last batch with fewer rows than ranks is dropped (data.py), so no rank is left without rows.
+  - a last batch with fewer rows than ranks is dropped (data.py), so no rank is left without rows;
+  - what differs per rank and must survive a restart (random generator states: dropout under uneven shares,
+    the varied copies of a sample) is gathered into rank 0's checkpoint (`every_rank`), each rank taking its
+    own back on resume.
 
 The whole batch's mask noise comes from the global random generator, as in one process; ranks draw the same
 noise while they consume that generator alike, which dropout in the student breaks when shares are uneven: the

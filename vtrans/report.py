@@ -46,7 +46,8 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
         "dense_kept": _with_query_heads(dense_kept.sizes(), query_group),
         "kept_units": {"hidden": kept.hidden, "heads": kept.heads, "ffn": kept.ffn},  # dense indices (probe)
         "compression_seconds": compression_seconds,
-        "phase_seconds": phase_seconds,  # of it, choosing the kept set (and cutting) and recovering
+        # of it, choosing the kept set (and cutting) and recovering; a resumed run counts from its resume
+        "phase_seconds": phase_seconds,
         # units selection (blocks kept for their contents, the budget fix-up) added to / removed from the set
         # mask training converged to (VIB methods)
         "selection_fixup": next(({k: row[k] for k in ("added", "removed", "kept_back")} for row in log
@@ -134,6 +135,7 @@ def summary(report: dict, out) -> str:
 
 
 def _phases(seconds: dict | None) -> str:
+    """' (choosing X s, recovering Y s)' where the report has them (reports before vtrans timed phases do not)."""
     if not seconds:
         return ""
     return f" (choosing {seconds['choose']:.0f} s, recovering {seconds['recover']:.0f} s)"

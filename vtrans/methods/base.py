@@ -81,7 +81,8 @@ class Outcome:
     model: nn.Module  # cut to `kept`
     kept: Kept
     log: list = field(default_factory=list)  # training curves, rows of {phase, step, ...}
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of choosing and of recovering
+    # wall time of choosing (with the cut) and of recovering, in this process: a resumed run counts from its resume
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def never_rescales(adapter: Adapter) -> bool:
@@ -159,8 +160,11 @@ def run(job: Job, method: Method) -> Outcome:
     if job.recover_fraction is not None:  # e.g. a sampled method's choice, recovered like every other method's
         loader = job.loader(job.recover_fraction)
         teacher = TeacherOutputs(job.teacher, job.objective, 0)  # data seen once: nothing worth remembering
-    if state is not None:  # resumed while recovering: the data order from where recovery began
-        restore_order(loader, state["order"])
+    if state is not None and "order" in state:  # resumed while recovering: the data order where recovery began
+        restore_order(loader, state["order"])  # (a checkpoint from before vtrans kept it: a fresh order)
+    extra = {"kept": vars(kept)}
+    if job.checkpoint is not None:  # taken before recovery draws its first batch; a collective for varied copies
+        extra["order"] = order_state(loader)
     distill(
         job.model,
         teacher,
@@ -174,7 +178,7 @@ def run(job: Job, method: Method) -> Outcome:
         log=log,
         checkpoint=job.checkpoint,
         state=state,
-        extra={"kept": vars(kept), "order": order_state(loader)},
+        extra=extra,
     )
     seconds = {"choose": chosen - started, "recover": time.perf_counter() - chosen}
     return Outcome(model=job.model, kept=kept, log=log, seconds=seconds)
