@@ -15,7 +15,6 @@ shape. Linear in the kept counts, it serves the methods as FLOPs do, expected co
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vtrans.errors import UsageError
+from vtrans.teacher import fingerprint
 
 FEATURES = ("flops", "attention_blocks", "mlp_blocks", "hidden")  # terms of Adapter.cost
 
@@ -214,7 +214,7 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
     weight = next(model.parameters())
     placement = [str(weight.dtype), torch.cuda.get_device_name(weight.device) if weight.is_cuda else "cpu"]
     identity = [model.config.to_dict(), machine(), placement, batch, seq_len, variants, keep_hidden]
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = fingerprint(identity)  # the digest the teacher cache keys by (the same key as before it was shared)
     path = cache / "latency" / f"{key}.json" if cache is not None else None
     if path is not None and path.is_file():
         return LatencyModel(**json.loads(path.read_text()))
