@@ -89,5 +89,5 @@ def _own_row(states: torch.Tensor) -> torch.Tensor:
     """This rank's state; rank 0's where another number of processes saved them (or one state: older files)."""
     if states.dim() == 1:
         return states
-    row = distributed.rank() if states.shape[0] == distributed.world_size() else 0
-    return states[row].clone()  # a copy: setting a generator from a row of the stack reads the wrong bytes
+    own = distributed.own_row(states)
+    return own if own is not None else states[0].clone()

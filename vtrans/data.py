@@ -246,9 +246,9 @@ def restore_order(loader, state: dict[str, torch.Tensor]) -> None:
     """Put `loader` back where `order_state` found it. Varied copies are restored where the number of processes
     is the one that saved them (with another, each rank's rows differ anyway)."""
     if isinstance(loader, Augmented):
-        if state["copies"].shape[0] == distributed.world_size():
-            # a copy: set_state reads the tensor's storage from its start, and a row of the stack is not there
-            loader.generator.set_state(state["copies"][distributed.rank()].clone())
+        copies = distributed.own_row(state["copies"])
+        if copies is not None:
+            loader.generator.set_state(copies)
         loader = loader.loader
     loader.generator.set_state(state["shuffle"])
 

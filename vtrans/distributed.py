@@ -178,6 +178,15 @@ def every_rank(value) -> list:
     return values
 
 
+def own_row(stacked: torch.Tensor) -> torch.Tensor | None:
+    """This rank's row of values `every_rank` gathered and stacked, as a tensor of its own (a generator's
+    set_state reads a row of the stack from the wrong place: it crashed); None where another number of
+    processes stacked them."""
+    if stacked.shape[0] != world_size():
+        return None
+    return stacked[rank()].clone()
+
+
 def stop() -> None:
     if active():
         dist.destroy_process_group()
