@@ -26,16 +26,25 @@ reproduce the dense model's residual stream (methods/rescale.py; `rescale`), on 
 measured on MiniLM, this beats folding in mu (three seeds: 83.19% vs 82.81% at flops=0.4, 85.82% vs 84.80% at
 0.6). Where the weights train, recovery does that job.
 
+Whole blocks (a layer's attention or FFN) have no trained mask: theirs stays at 1 through the search, and a
+block goes when the kept set is chosen, as what it holds goes (a block is worth its contents). A trained block
+mask, a single scalar priced at its whole block's cost, was the first thing the Lagrangian's push drove under
+threshold: on MiniLM at flops=0.15 and 0.25 VTrans dropped FFN blocks whose neurons training kept. Without that
+push (its expected size detached from the cost) no block fell in six MiniLM runs, and where one had, accuracy
+rose (pooled over three runs, 141 vs 101 examples, McNemar p = 0.012; README, fourteenth session); in a tiny
+model the KL and distillation alone then drove one under, its contents kept. So blocks are judged by their
+contents alone.
+
 The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), blocks kept
 while most of their contents are (budget.hierarchical_keep), then brought within the budget (budget.select_kept)
 judging units by their first-order effect on the loss at that kept set, per cost (`choose`); the log records
-how many units the selection moved from what training converged to (blocks kept for their contents included).
+how many units the selection moved from what training converged to.
 
 Warm start (`mask_init="fisher"`): Adam moves every log_alpha by about the same step, so units started
 equal cross the threshold together and the expected cost collapses. Instead each unit starts at a
 log_alpha spread by its Fisher information per cost (squared per-example gradients of its mask, as the
 fisher baseline computes them): the units a one-shot Fisher choice at the budget would drop start low, in
-their order, the rest high; training then reorders them. Blocks start high: only training drops a block.
+their order, the rest high; training then reorders them.
 """
 from __future__ import annotations
 
@@ -77,6 +86,12 @@ FIXED = 20.0  # log_alpha of a group the objective does not prune: sigma^2 = e^-
 def _scored_groups(job: Job) -> tuple[str, ...]:
     """The unit groups that compete for the budget (the hidden width too, unless the objective keeps it)."""
     return UNIT_GROUPS if job.prunes_hidden else tuple(g for g in UNIT_GROUPS if g != "hidden")
+
+
+def _held_at_one(job: Job) -> tuple[str, ...]:
+    """The mask groups that stay at 1 through the search, untrained: the blocks (a block is judged by what it
+    holds, when the kept set is chosen) and the hidden width where the method or the objective keeps it."""
+    return tuple(BLOCK_CONTENTS) + (() if job.prunes_hidden else ("hidden",))
 
 
 def _never_dropped(job: Job, dims) -> dict[str, torch.Tensor]:
@@ -262,10 +277,12 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
         init = warm_start(job, loader, settings.init_samples)
     else:  # uniform, or resuming: the checkpoint holds the masks
         init = {name: torch.full(shape, UNIFORM) for name, shape in shapes.items()}
-    if not job.prunes_hidden:  # the method or the objective keeps the hidden width: its mask stays at 1
-        init["hidden"] = torch.full(shapes["hidden"], FIXED)
+    held = _held_at_one(job)
+    for name in held:
+        init[name] = torch.full(shapes[name], FIXED)
     masks = VIBMasks(shapes, init)
-    masks.groups["hidden"].requires_grad_(job.prunes_hidden)
+    for name in held:
+        masks.groups[name].requires_grad_(False)
     lagrangian = Lagrangian(settings.penalty)
     optimizers = {"mask_optimizer": torch.optim.Adam(masks.parameters(), lr=settings.mask_lr_for(ramp_steps)),
                   "lagrangian_optimizer": torch.optim.SGD(lagrangian.parameters(), lr=settings.lagrangian_lr,
