@@ -7,7 +7,7 @@ import transformers
 from conftest import TINY, tiny_model
 
 from vtrans.arch import Kept, adapter_for
-from vtrans.budget import TOLERANCE, check_reachable, exact_cost, hierarchical_keep, parse_target, select_kept
+from vtrans.budget import TOLERANCE, check_reachable, exact_cost, parse_target, select_kept
 from vtrans.errors import UsageError
 from vtrans.masks import VIBMask
 
@@ -37,7 +37,8 @@ def test_selection_meets_the_budget_within_tolerance(text, seed):
     budget = parse_target(text, seq_len=16)
     g = torch.Generator().manual_seed(seed)
     scores = {n: torch.randn(shape, generator=g) for n, shape in adapter.dims().mask_shapes().items()}
-    kept = select_kept(adapter, {n: s.sigmoid() for n, s in scores.items()}, budget, hierarchical_keep(scores))
+    kept = select_kept(adapter, {n: s.sigmoid() for n, s in scores.items()}, budget,
+                      {n: s > 0 for n, s in scores.items()})
     dense = exact_cost(adapter, Kept.dense(adapter.dims()), 16)
     achieved = exact_cost(adapter, kept, 16)[budget.kind] / dense[budget.kind]
     assert budget.value * (1 - TOLERANCE) <= achieved <= budget.value

@@ -115,16 +115,6 @@ BLOCK_CONTENTS = {"attention": "heads", "ffn_block": "ffn"}
 CONTAINER = {contents: block for block, contents in BLOCK_CONTENTS.items()}
 
 
-def hierarchical_keep(scores: dict[str, torch.Tensor], threshold: float = 0.0) -> dict[str, torch.Tensor]:
-    """The units scoring above `threshold`, where a block scoring below it still stays if most of its
-    contents score above it: a block goes only when it is worth less than what it holds."""
-    keep = {name: s > threshold for name, s in scores.items()}
-    for block, contents in BLOCK_CONTENTS.items():
-        mostly_kept = keep[contents].float().mean(-1) > 0.5
-        keep[block] = keep[block] | mostly_kept
-    return keep
-
-
 def within_blocks(keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`keep` (0/1 or bool per unit) with nothing kept inside a dropped block."""
     out = {name: k.bool() for name, k in keep.items()}
@@ -166,8 +156,7 @@ class Selection:
         return abs(current - toggled)
 
     def block_worth(self, block: str, layer: int) -> float:
-        """A block is worth what it holds: dropped whole, it loses all of it. Its own mask has had its say in
-        the kept set the selection starts from (`hierarchical_keep`); inf (never drop) stays inf."""
+        """A block is worth what it holds: dropped whole, it loses all of it. inf (never drop) stays inf."""
         own = float(self.worth[block][layer])
         held = self.worth[BLOCK_CONTENTS[block]][layer][self.kept[BLOCK_CONTENTS[block]][layer]]
         return own if own == math.inf else float(held.sum())

@@ -48,9 +48,9 @@ def build_report(*, method: str, objective: str, model: str, data: str, eval_dat
         "compression_seconds": compression_seconds,
         # of it, choosing the kept set (and cutting) and recovering; a resumed run counts from its resume
         "phase_seconds": phase_seconds,
-        # units selection (blocks kept for their contents, the budget fix-up) added to / removed from the set
-        # mask training converged to (VIB methods)
-        "selection_fixup": next(({k: row[k] for k in ("added", "removed", "kept_back")} for row in log
+        # units selection (the budget fix-up) added to / removed from the set mask training converged to (VIB
+        # methods)
+        "selection_fixup": next(({k: row[k] for k in ("added", "removed")} for row in log
                                  if row.get("phase") == "select"), None),
         "teacher_fine_tuned_at": teacher_cache,
         "seed": seed,
@@ -142,15 +142,12 @@ def _phases(seconds: dict | None) -> str:
 
 
 def _fixup_line(fixup: dict | None) -> list[str]:
-    """How far selection (blocks kept for their contents, the budget fix-up) moved the kept set that mask
-    training converged to (none: no such line)."""
+    """How far selection (the budget fix-up) moved the kept set that mask training converged to (none: no such
+    line)."""
     if fixup is None:
         return []
     moved = [f"+{fixup['added'][g]}/-{fixup['removed'][g]} {g}" for g in fixup["added"]
              if fixup["added"][g] or fixup["removed"][g]]
-    kept_back = sum(fixup["kept_back"].values())
-    if kept_back:
-        moved.append(f"{kept_back} block(s) training switched off kept for their contents")
     return [f"  selection {', '.join(moved) if moved else 'as training left it'}"]
 
 

@@ -35,10 +35,9 @@ rose (pooled over three runs, 141 vs 101 examples, McNemar p = 0.012; README, fo
 model the KL and distillation alone then drove one under, its contents kept. So blocks are judged by their
 contents alone.
 
-The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), blocks kept
-while most of their contents are (budget.hierarchical_keep), then brought within the budget (budget.select_kept)
-judging units by their first-order effect on the loss at that kept set, per cost (`choose`); the log records
-how many units the selection moved from what training converged to.
+The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), brought within
+the budget (budget.select_kept) judging units by their first-order effect on the loss at that kept set, per
+cost (`choose`); the log records how many units the selection moved from what training converged to.
 
 Warm start (`mask_init="fisher"`): Adam moves every log_alpha by about the same step, so units started
 equal cross the threshold together and the expected cost collapses. Instead each unit starts at a
@@ -60,11 +59,9 @@ from vtrans.budget import (
     Selection,
     dense_cost,
     exact_cost,
-    hierarchical_keep,
     keep_changes,
     kept_from_keep,
     select_kept,
-    within_blocks,
 )
 from vtrans.checkpoint import capture, restore
 from vtrans.data import example_count, token_mask
@@ -197,26 +194,20 @@ def _keep_tensors(kept, dims) -> dict[str, torch.Tensor]:
 
 def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, torch.Tensor], dict]:
     """The kept set at the end of the search (as 0/1 tensors) and how far it is from what training converged to
-    (mu^2 > sigma^2, nothing inside a dropped block): the blocks the hierarchical rule keeps for their
-    contents, the budget fix-up, and with `--round-to` the rounding to multiples.
+    (mu^2 > sigma^2): the budget fix-up and, with `--round-to`, the rounding to multiples.
 
     The fix-up judges units by their first-order effect on the loss at the searched model (Fisher information
     at the kept set, scaled by mu), per cost: keep probabilities saturate near 1, so per cost they would only
     say which units are expensive."""
     dims = job.adapter.dims()
-    start = hierarchical_keep(masks.log_alphas())
+    converged = masks.keep()  # every block among it: their masks stay at 1 (`_held_at_one`)
     mu = {name: m.mu.detach() for name, m in masks.groups.items()}
-    kept_now = within_blocks(start)
-    at = {name: mu[name] * kept_now[name] for name in mu}
+    at = {name: mu[name] * converged[name] for name in mu}
     worth = fisher_scores(job, _own_order(job, loader), _scored_groups(job), limit=samples, at=at, size=mu)
     worth |= _never_dropped(job, dims)
     worth |= {block: torch.zeros(dims.layers) for block in BLOCK_CONTENTS}  # a block is worth what it holds
-    kept = select_kept(job.adapter, worth, job.budget, start)
-    converged = masks.keep()
-    changes = keep_changes(converged, kept, dims)
-    # blocks training switched off that the hierarchical rule kept for their contents, before the fix-up
-    changes["kept_back"] = {block: int((start[block] & ~converged[block]).sum()) for block in BLOCK_CONTENTS}
-    return _keep_tensors(kept, dims), changes
+    kept = select_kept(job.adapter, worth, job.budget, converged)
+    return _keep_tensors(kept, dims), keep_changes(converged, kept, dims)
 
 
 def expected_fraction(job: Job, masks: VIBMasks, temperature: float, dense: dict) -> torch.Tensor:
