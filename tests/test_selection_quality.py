@@ -1,6 +1,6 @@
 """Tests that fail when a method is broken: planted dead units go first in every method, the VIB expected cost
-follows its target, selection weighs worth against cost and keeps blocks whose contents are kept, and VTrans
-beats random on a task a teacher has learned."""
+follows its target, selection weighs worth against cost and drops a block only as what it holds, VTrans's
+blocks run whole through the search, and VTrans beats random on a task a teacher has learned."""
 import csv
 import json
 
@@ -81,7 +81,6 @@ def test_the_warm_start_starts_dead_units_lowest(job):
     live_neurons.pop(DEAD_NEURON[0] * init["ffn"].shape[1] + DEAD_NEURON[1])
     assert max(dead_values) < min(live_heads + live_neurons + init["hidden"].tolist())
     assert min(dead_values) == pytest.approx(vtrans_method.LOW)
-    assert (init["attention"] > vtrans_method.HIGH).all()  # blocks start high: only training drops a block
 
 
 def test_vib_expected_cost_follows_the_ramped_target(job):

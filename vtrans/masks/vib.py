@@ -64,6 +64,3 @@ class VIBMasks(nn.Module):
     def expected_sizes(self, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Expected kept counts per group, in the form Adapter.cost takes."""
         return unit_counts({name: m.expected_keep(temperature) for name, m in self.groups.items()})
-
-    def log_alphas(self) -> dict[str, torch.Tensor]:
-        return {name: m.log_alpha().detach() for name, m in self.groups.items()}

@@ -77,7 +77,7 @@ MASK_INITS = ("fisher", "uniform")
 # [HIGH, HIGH + SPREAD); uniform starts every unit at UNIFORM.
 LOW, HIGH, SPREAD, UNIFORM = 1.0, 5.0, 2.0, 6.0
 UNIT_GROUPS = ("hidden", "heads", "ffn")  # the groups Fisher information scores (blocks are worth what they hold)
-FIXED = 20.0  # log_alpha of a group the objective does not prune: sigma^2 = e^-20 mu^2, kept, not trained
+FIXED = 20.0  # log_alpha of a group held at 1 through the search (`_held_at_one`): sigma^2 = e^-20 mu^2, not trained
 
 
 def _scored_groups(job: Job) -> tuple[str, ...]:
@@ -161,7 +161,8 @@ class Lagrangian(nn.Module):
 
 
 def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
-    """Initial log_alpha per unit from Fisher information per cost (see the module docstring)."""
+    """Initial log_alpha of the scored units from Fisher information per cost (see the module docstring); the
+    one-shot choice keeps every block, as the search does (`_held_at_one`)."""
     dims = job.adapter.dims()
     fisher = fisher_scores(job, _own_order(job, loader), _scored_groups(job), limit=samples)
     worth = fisher | _never_dropped(job, dims) | {"attention": torch.full((dims.layers,), float("inf")),
@@ -172,7 +173,7 @@ def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     # each unit's Fisher information per cost, priced as the final selection prices it
     for ratio, _, name, index in Selection(job.adapter, worth, every, job.budget).candidates(dropping=True):
         ratios[name][index] = ratio
-    init = {name: torch.full(w.shape, HIGH + SPREAD) for name, w in worth.items()}
+    init = {name: torch.empty(f.shape) for name, f in fisher.items()}
     for tier, base in ((True, LOW), (False, HIGH)):  # dropped by the one-shot choice, then kept
         members = [(float(ratios[name][index]), name, index) for name in fisher
                    for index in map(tuple, dropped[name].eq(tier).nonzero().tolist())]
@@ -200,7 +201,7 @@ def choose(job: Job, masks: VIBMasks, loader, samples: int) -> tuple[dict[str, t
     at the kept set, scaled by mu), per cost: keep probabilities saturate near 1, so per cost they would only
     say which units are expensive."""
     dims = job.adapter.dims()
-    converged = masks.keep()  # every block among it: their masks stay at 1 (`_held_at_one`)
+    converged = masks.keep()  # every block kept: their masks stay at 1 (`_held_at_one`)
     mu = {name: m.mu.detach() for name, m in masks.groups.items()}
     at = {name: mu[name] * converged[name] for name in mu}
     worth = fisher_scores(job, _own_order(job, loader), _scored_groups(job), limit=samples, at=at, size=mu)
@@ -267,10 +268,9 @@ def prune(job: Job, settings: VTransSettings, loader, epochs: float, train_weigh
     if settings.mask_init == "fisher" and state is None:
         init = warm_start(job, loader, settings.init_samples)
     else:  # uniform, or resuming: the checkpoint holds the masks
-        init = {name: torch.full(shape, UNIFORM) for name, shape in shapes.items()}
+        init = {name: torch.full(shapes[name], UNIFORM) for name in _scored_groups(job)}
     held = _held_at_one(job)
-    for name in held:
-        init[name] = torch.full(shapes[name], FIXED)
+    init |= {name: torch.full(shapes[name], FIXED) for name in held}
     masks = VIBMasks(shapes, init)
     for name in held:
         masks.groups[name].requires_grad_(False)
