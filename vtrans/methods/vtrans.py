@@ -28,12 +28,12 @@ measured on MiniLM, this beats folding in mu (three seeds: 83.19% vs 82.81% at f
 
 Whole blocks (a layer's attention or FFN) have no trained mask: theirs stays at 1 through the search, and a
 block goes when the kept set is chosen, as what it holds goes (a block is worth its contents). A trained block
-mask, a single scalar priced at its whole block's cost, was the first thing the Lagrangian's push drove under
-threshold: on MiniLM at flops=0.15 and 0.25 VTrans dropped FFN blocks whose neurons training kept. Without that
-push (its expected size detached from the cost) no block fell in six MiniLM runs, and where one had, accuracy
-rose (pooled over three runs, 141 vs 101 examples, McNemar p = 0.012; README, fourteenth session); in a tiny
-model the KL and distillation alone then drove one under, its contents kept. So blocks are judged by their
-contents alone.
+mask, one scalar priced at its whole block's cost (the cost its contents already carry), was the first thing
+the Lagrangian's push drove under threshold: on MiniLM at flops=0.15 and 0.25 VTrans switched off FFN blocks
+whose neurons training kept. Without that push, the KL and distillation alone drove one under in a tiny model.
+Held at 1 (README, fourteenth session): at flops=0.15, 83.35% and 84.80% on two seeds where the trained block
+masks scored 82.73% and 83.80% (103 vs 82 examples, McNemar p = 0.14), level with fisher+recover; at 0.4 and
+0.6 unchanged (three seeds each: 73 vs 73, 56 vs 49).
 
 The kept set is chosen once, when the search ends: units with mu^2 > sigma^2 (log_alpha > 0), brought within
 the budget (budget.select_kept) judging units by their first-order effect on the loss at that kept set, per
