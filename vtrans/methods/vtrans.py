@@ -165,8 +165,8 @@ def warm_start(job: Job, loader, samples: int) -> dict[str, torch.Tensor]:
     one-shot choice keeps every block, as the search does (`_held_at_one`)."""
     dims = job.adapter.dims()
     fisher = fisher_scores(job, _own_order(job, loader), _scored_groups(job), limit=samples)
-    worth = fisher | _never_dropped(job, dims) | {"attention": torch.full((dims.layers,), float("inf")),
-                                                  "ffn_block": torch.full((dims.layers,), float("inf"))}
+    shapes = dims.mask_shapes()
+    worth = fisher | {name: torch.full(shapes[name], float("inf")) for name in _held_at_one(job)}
     dropped = {name: ~keep for name, keep in _keep_tensors(select_kept(job.adapter, worth, job.budget), dims).items()}
     every = {name: torch.ones_like(w, dtype=torch.bool) for name, w in worth.items()}
     ratios = {name: torch.zeros(w.shape) for name, w in worth.items()}
