@@ -53,5 +53,9 @@ def test_the_latency_model_is_measured_once_per_machine_and_model(tmp_path):
     inputs = random_batch(2, 8, 100)
     fitted = fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1)
     assert all(value >= 0 for value in fitted.coefficients.values()) and fitted.intercept >= 0
-    assert len(list((tmp_path / "latency").iterdir())) == 1
+    [cached] = (tmp_path / "latency").iterdir()  # one file, no temporary left beside it
     assert fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1) == fitted
+    cached.write_text(cached.read_text()[:20])  # cut short, as a killed writer without os.replace would leave it
+    again = fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1)
+    assert again.dense_measured_ms > 0 and [p.name for p in (tmp_path / "latency").iterdir()] == [cached.name]
+    assert fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1) == again  # stored again

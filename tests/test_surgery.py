@@ -6,7 +6,7 @@ from conftest import random_kept, tiny_batch, tiny_model
 from vtrans import load
 from vtrans.arch import Kept, MaskValues, adapter_for, detach_masks
 from vtrans.budget import exact_cost
-from vtrans.surgery import cut_model, masked_values, save
+from vtrans.surgery import atomic_file, cut_model, masked_values, save, write_text
 
 
 def masked_logits(model, adapter, z, hidden_keep, batch):
@@ -114,3 +114,14 @@ def test_save_and_load_round_trip_gives_the_same_logits(model_and_adapter, tmp_p
         after = reloaded(**batch).logits
     assert torch.equal(before, after)
     assert reloaded.config.vtrans["kept"] == kept.sizes()
+
+
+def test_a_file_written_atomically_is_whole_or_untouched(tmp_path):
+    path = tmp_path / "cache" / "entry.json"
+    write_text(path, "old")
+    with pytest.raises(RuntimeError), atomic_file(path) as partial:
+        partial.write_text("half of the new")
+        raise RuntimeError("the writer was interrupted")
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["entry.json"]
+    write_text(path, "new")
+    assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["entry.json"]

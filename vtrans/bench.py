@@ -21,7 +21,7 @@ from vtrans.api import compress
 from vtrans.budget import parse_target
 from vtrans.errors import UsageError
 from vtrans.methods import METHODS
-from vtrans.surgery import check_output_dir
+from vtrans.surgery import check_output_dir, write_text
 
 COLUMNS = (
     "method",
@@ -94,8 +94,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], out: Path) -> None:
-    (out / "bench.json").write_text(json.dumps(rows, indent=2))
-    (out / "bench.md").write_text(markdown(rows) + "\n")
+    write_text(out / "bench.json", json.dumps(rows, indent=2))
+    write_text(out / "bench.md", markdown(rows) + "\n")
 
 
 def draw(rows: list[dict], out: Path, plot_method: str) -> list[Path]:

@@ -6,7 +6,6 @@ so a planted pickle is never executed. A successful run deletes it.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from vtrans import distributed
 from vtrans.errors import UsageError
+from vtrans.surgery import atomic_file
 
 
 class Checkpoint:
@@ -48,10 +48,8 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         if not distributed.is_main():  # data-parallel ranks hold the same state: one writes it
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state | {"run": self.run}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as partial:
+            torch.save(state | {"run": self.run}, partial)
 
     def clear(self) -> None:
         if not distributed.is_main():

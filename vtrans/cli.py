@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"PyTorch {record['max_abs_difference'][kind]:.2e}")
         elif args.command == "latency":
             from vtrans.latency import compare, markdown
+            from vtrans.surgery import write_text
 
             if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 0:
                 raise UsageError("--repeats must be at least 1, --warmup and --new-tokens 0 or more")
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                            new_tokens=args.new_tokens)
             print(markdown(rows))
             if args.out:
-                Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+                write_text(Path(args.out), json.dumps(rows, indent=2) + "\n")
         elif args.command == "plan":
             from vtrans.plan import Lean, markdown, plan
             from vtrans.teacher import default_model_path

@@ -207,7 +207,7 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
     example); cached in `cache`."""
     from vtrans.arch import Kept, adapter_for
     from vtrans.data import example_count
-    from vtrans.surgery import cut_model
+    from vtrans.surgery import cut_model, write_text
 
     batch = example_count(inputs)
 
@@ -216,8 +216,9 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
     identity = [model.config.to_dict(), machine(), placement, batch, seq_len, variants, keep_hidden]
     key = fingerprint(identity)  # the digest the teacher cache keys by (the same key as before it was shared)
     path = cache / "latency" / f"{key}.json" if cache is not None else None
-    if path is not None and path.is_file():
-        return LatencyModel(**json.loads(path.read_text()))
+    cached = _read_latency_model(path)
+    if cached is not None:
+        return cached
     adapter = adapter_for(model)
     dims = adapter.dims()
     generator = torch.Generator().manual_seed(0)
@@ -245,9 +246,19 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
               for features, ratio in rows]
     result = LatencyModel(**(asdict(result) | {"fit_error": max(errors)}))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        write_text(path, json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def _read_latency_model(path: Path | None) -> LatencyModel | None:
+    """The cached model at `path`, or None where there is none or it is unusable (written by another version):
+    measuring again is always safe."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return LatencyModel(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _nonnegative_fit(features: list[list[float]], targets: list[float]) -> list[float]:

@@ -13,6 +13,7 @@ import torch
 from vtrans.arch import Kept
 from vtrans.budget import Budget
 from vtrans.errors import UsageError
+from vtrans.surgery import write_text
 
 
 def build_report(*, method: str, objective: str, model: str, data: str, eval_data: str, budget: Budget,
@@ -264,7 +265,7 @@ def write_html(out: str | Path) -> Path:
             f"<title>vtrans report: {e(report['method'])}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
             + "\n".join(parts) + "\n</body>\n</html>\n")
     html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    write_text(html_path, page)
     return html_path
 
 

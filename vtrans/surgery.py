@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -79,6 +80,28 @@ def atomic_directory(out_dir: Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside `path` to write one file to; it becomes `path` only when the block succeeds,
+    so a reader (a later run reading a cache) never sees half a file. Each writer has its own temporary file:
+    two runs may write the same cache entry at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(handle)
+    try:
+        yield Path(partial)
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path.write_text(text)`, atomically (`atomic_file`)."""
+    with atomic_file(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from vtrans.arch import MaskValues, call_layer, detach_masks, layer_stream, with
 from vtrans.data import Placed, example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
+from vtrans.surgery import atomic_file
 from vtrans.teacher import cache_root, fingerprint
 
 
@@ -111,17 +110,11 @@ def _read(path: Path, dims) -> dict[str, torch.Tensor] | None:
 
 
 def _write(path: Path, scores: dict[str, torch.Tensor]) -> None:
-    """Atomically, through a temporary file of this writer's own (runs at two budgets may score at once). A
-    cache that cannot be written (read-only, full) costs the next run a scoring, not this run its scores."""
+    """Atomically (runs at two budgets may score at once). A cache that cannot be written (read-only, full)
+    costs the next run a scoring, not this run its scores."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-        os.close(handle)
-        try:
+        with atomic_file(path) as partial:
             save_file(scores, partial)
-            os.replace(partial, path)
-        finally:
-            Path(partial).unlink(missing_ok=True)
     except OSError:
         pass
 
