@@ -93,6 +93,9 @@ def rescale(job: Job, kept: Kept, settings: RescaleSettings | None = None,
                 ones = torch.ones_like(solution)
                 usable = bool(solution.abs().max() <= settings.max_scale)  # else ill-posed: not used
                 source = "least squares"
+                # Not used whole, not damped: damping such a fit towards the fallback until it fits lowered the
+                # stream error but lost accuracy (fisher and faster-vtrans at flops=0.4 and 0.6, seed 0: 34 vs
+                # 51 examples, README fifteenth session). Out of range says the fit is overfitted.
                 if not usable:  # the trained values where they reproduce the stream better, else 1s (Kwon et al.)
                     learnt = trained[group][i, units].to(ones) if group in trained else ones
                     better = _squared_error(learnt, system) < _squared_error(ones, system)
