@@ -385,6 +385,28 @@ def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):
     assert all(torch.allclose(fitted[group], runs[True].scale[group], atol=1e-5) for group in ("heads", "ffn"))
 
 
+@pytest.mark.parametrize("train_weights, rescale_, given, expected", [
+    (False, None, None, "last"),  # faster-vtrans: the fit that follows reproduces every layer's stream
+    (False, False, None, "all"),  # no fit follows: the search matches every layer
+    (True, None, None, "all"),  # vtrans: weights train, no fit
+    (False, None, "all", "all"),  # what a user asks for is what the search matches
+])
+def test_the_search_matches_the_last_layer_only_where_the_least_squares_fit_follows(job, monkeypatch, train_weights,
+                                                                                    rescale_, given, expected):
+    j = job("faster-vtrans" if not train_weights else "vtrans", data_fraction=0.25)
+    matched = []
+    distill_loss = vtrans_method.distill_loss
+
+    def recording_loss(student, teacher, labels, attention_mask, weights, *args, **kwargs):
+        matched.append(weights.layers)
+        return distill_loss(student, teacher, labels, attention_mask, weights, *args, **kwargs)
+    monkeypatch.setattr(vtrans_method, "distill_loss", recording_loss)
+    settings = vtrans_method.VTransSettings(rescale=rescale_, search_layers=given)
+    vtrans_method.prune(j, settings, j.loader(0.25), epochs=1.0, train_weights=train_weights)
+    assert matched and set(matched) == {expected}, matched
+    assert settings.distill.layers == "all"  # recovery, which follows, still matches every layer
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama-gqa"])
 def test_least_squares_values_minimise_the_stream_error_after_each_add(job, family):
     """Kwon et al.'s target: each layer's kept units make the residual stream after the add match the dense

@@ -132,6 +132,7 @@ def mask_settings(opts: Options, objective: Objective) -> VTransSettings:
         kl_weight=opts.kl_weight,
         temperature=opts.mask_temperature,
         distill=DistillWeights(layers=layers),
+        search_layers=opts.distill_layers,  # given: the search matches those too
     )
 
 

@@ -107,7 +107,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     masks.add_argument("--mask-temperature", type=float, default=DEFAULTS.mask_temperature,
                        help="T of the keep probability sigmoid(log_alpha / T) in the expected cost (default: 1)")
     masks.add_argument("--distill-layers", default=DEFAULTS.distill_layers, choices=DISTILL_LAYERS,
-                       help="hidden states distilled from the teacher (default: all; none for --objective lm)")
+                       help="hidden states distilled from the teacher (default: all, but the last only in a "
+                            "search the least-squares fit follows, as faster-vtrans's; none for --objective lm)")
 
 
 RUN_OPTIONS = (
