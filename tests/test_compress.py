@@ -151,10 +151,11 @@ def test_every_mask_option_reaches_the_settings_the_search_reads():
     from vtrans.objectives.classification import Classification
 
     given = dict(mask_init="uniform", mask_lr=0.07, ramp=0.3, penalty=7.0, settle=0.2, rescale=True, kl_weight=3e-4,
-                 mask_temperature=2.0, distill_layers="last")
+                 mask_temperature=2.0, distill_layers="none")
     assert set(given) == set(MASK_OPTIONS)
     settings = mask_settings(Options(**given), Classification())
     read = dict(mask_init=settings.mask_init, mask_lr=settings.mask_lr, ramp=settings.ramp, penalty=settings.penalty,
                 settle=settings.settle, rescale=settings.rescale, kl_weight=settings.kl_weight,
                 mask_temperature=settings.temperature, distill_layers=settings.distill.layers)
-    assert read == given and settings.search_layers == "last"  # an explicit choice holds for the search too
+    assert read == given
+    assert settings.search_distill(rescales=True).layers == "none"  # an explicit choice holds for the search too

@@ -125,3 +125,11 @@ def test_a_file_written_atomically_is_whole_or_untouched(tmp_path):
     assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["entry.json"]
     write_text(path, "new")
     assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["entry.json"]
+    plain = tmp_path / "plain.json"
+    plain.write_text("new")
+    assert path.stat().st_mode == plain.stat().st_mode  # readable as any file the user writes, not private
+    path.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    write_text(link, "through the link")
+    assert link.is_symlink() and path.read_text() == "through the link" and path.stat().st_mode & 0o777 == 0o640

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -85,17 +85,24 @@ def atomic_directory(out_dir: Path, overwrite: bool = False):
 @contextlib.contextmanager
 def atomic_file(path: Path):
     """Yield a temporary path beside `path` to write one file to; it becomes `path` only when the block succeeds,
-    so a reader (a later run reading a cache) never sees half a file. Each writer has its own temporary file:
-    two runs may write the same cache entry at once."""
-    path = Path(path)
+    so a reader (a later run reading a cache) never sees half a file from a writer that was killed. Each writer
+    has its own temporary file: two runs may write the same cache entry at once. The writer creates the file,
+    so it gets the permissions any file the user writes gets (tempfile.mkstemp's would be private); a file
+    replaced keeps its mode. A link is written through; a path that is no regular file (/dev/stdout) is
+    written directly."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(handle)
+    partial = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
     try:
-        yield Path(partial)
+        yield partial
+        if path.exists():
+            shutil.copymode(path, partial)
         os.replace(partial, path)
     finally:
-        Path(partial).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
