@@ -59,3 +59,10 @@ def test_the_latency_model_is_measured_once_per_machine_and_model(tmp_path):
     again = fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1)
     assert again.dense_measured_ms > 0 and [p.name for p in (tmp_path / "latency").iterdir()] == [cached.name]
     assert fit_latency(model, inputs, seq_len=8, cache=tmp_path, variants=4, repeats=1) == again  # stored again
+
+
+def test_a_cache_that_cannot_be_written_costs_a_measurement_not_the_run(tmp_path):
+    (tmp_path / "latency").write_text("")  # the cache's folder is a file: nothing can be written under it
+    fitted = fit_latency(tiny_model("bert"), random_batch(2, 8, 100), seq_len=8, cache=tmp_path, variants=4,
+                         repeats=1)
+    assert fitted.dense_measured_ms > 0 and (tmp_path / "latency").is_file()

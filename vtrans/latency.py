@@ -246,7 +246,10 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
               for features, ratio in rows]
     result = LatencyModel(**(asdict(result) | {"fit_error": max(errors)}))
     if path is not None:
-        write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+        try:
+            write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+        except OSError:  # a cache that cannot be written (read-only, full) costs the next run a measurement
+            pass
     return result
 
 
