@@ -1,4 +1,7 @@
 """Masks, surgery, cost model and save/load on tiny models of every family, built from configs."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import random_kept, tiny_batch, tiny_model
@@ -114,6 +117,22 @@ def test_save_and_load_round_trip_gives_the_same_logits(model_and_adapter, tmp_p
         after = reloaded(**batch).logits
     assert torch.equal(before, after)
     assert reloaded.config.vtrans["kept"] == kept.sizes()
+
+
+def test_a_file_written_atomically_reaches_the_disk_before_its_name_moves(tmp_path, monkeypatch):
+    path = tmp_path / "entry.json"
+    write_text(path, "old")
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append((Path(os.readlink(f"/proc/self/fd/{descriptor}")).name, path.read_text()))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    write_text(path, "new")
+    [(name, there)] = synced  # the new data, flushed while the name still held the old file
+    assert name.startswith(".entry.json.") and there == "old" and path.read_text() == "new"
 
 
 def test_a_file_written_atomically_is_whole_or_untouched(tmp_path):

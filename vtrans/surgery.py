@@ -98,11 +98,22 @@ def atomic_file(path: Path):
     partial = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
     try:
         yield partial
+        _flush_to_disk(partial)
         if path.exists():
             shutil.copymode(path, partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _flush_to_disk(path: Path) -> None:
+    """`path`'s data on the disk before a name moves to it: a rename may reach the disk before the data written
+    just before it, and a crash in between would leave the name on an empty file."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_text(path: Path, text: str) -> None:
