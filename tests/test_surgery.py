@@ -9,7 +9,7 @@ from conftest import random_kept, tiny_batch, tiny_model
 from vtrans import load
 from vtrans.arch import Kept, MaskValues, adapter_for, detach_masks
 from vtrans.budget import exact_cost
-from vtrans.surgery import atomic_file, cut_model, masked_values, save, write_text
+from vtrans.surgery import atomic_directory, atomic_file, cut_model, masked_values, save, write_text
 
 
 def masked_logits(model, adapter, z, hidden_keep, batch):
@@ -133,6 +133,12 @@ def test_a_file_written_atomically_reaches_the_disk_before_its_name_moves(tmp_pa
     write_text(path, "new")
     [(name, there)] = synced  # the new data, flushed while the name still held the old file
     assert name.startswith(".entry.json.") and there == "old" and path.read_text() == "new"
+    synced.clear()
+    with atomic_directory(tmp_path / "out") as partial:  # a directory: every file it holds, before it is renamed
+        (partial / "sub").mkdir()
+        (partial / "a.json").write_text("a")
+        (partial / "sub" / "b.bin").write_bytes(b"b")
+    assert sorted(name for name, _ in synced) == ["a.json", "b.bin"]
 
 
 def test_a_file_written_atomically_is_whole_or_untouched(tmp_path):

@@ -56,7 +56,8 @@ def cut_model(adapter: Adapter, kept: Kept, scale: dict[str, torch.Tensor] | Non
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: Path, overwrite: bool = False):
-    """Yield a temporary sibling to write into; it becomes `out_dir` only when the block succeeds.
+    """Yield a temporary sibling to write into; it becomes `out_dir` only when the block succeeds, its files
+    flushed to the disk first (`_flush_to_disk`).
 
     A failure removes the temporary directory and leaves any previous `out_dir` untouched.
     """
@@ -68,6 +69,9 @@ def atomic_directory(out_dir: Path, overwrite: bool = False):
     tmp.mkdir()
     try:
         yield tmp
+        for written in tmp.rglob("*"):
+            if written.is_file() and not written.is_symlink():
+                _flush_to_disk(written)
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         if out_dir.exists():
             out_dir.rename(old)
