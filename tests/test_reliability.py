@@ -52,6 +52,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, env, phase, 
     kill_once_checkpointed(process, state, phase, marker=str(out))
     assert checkpointed_phase(state) == phase and not out.exists(), f"the run should die while {phase!r} runs"
 
+    saved = torch.load(state, weights_only=True)
     refused = subprocess.run(command(model, data, out, *args), env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr  # no silent restart over a checkpoint
     subprocess.run(command(model, data, out, *args, "--resume"), env=env, check=True, capture_output=True)
@@ -59,6 +60,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, env, phase, 
     resumed = json.loads((out / "report.json").read_text())
     assert resumed["kept"] == whole["kept"]
     assert resumed["compressed"]["metric"] == whole["compressed"]["metric"]
+    # the seconds the killed run spent count: the report gives what the whole job cost
+    assert resumed["compression_seconds"] == pytest.approx(sum(resumed["phase_seconds"].values()))
+    assert resumed["compression_seconds"] > saved["elapsed"] > 0
+    if phase == "recover":  # its choice was made by the killed run, in the seconds it recorded
+        assert resumed["phase_seconds"]["choose"] == pytest.approx(saved["choose_seconds"])
     weights = [load_file(run / "model.safetensors") for run in (tmp_path / "whole", out)]
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():

@@ -7,6 +7,7 @@ so a planted pickle is never executed. A successful run deletes it.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,16 @@ class Checkpoint:
         self.directory = Path(directory)
         self.every = every
         self.run = run  # what identifies the run: a checkpoint of another run is refused
+        self.clock = (time.perf_counter(), 0.0)  # (when this process began, seconds spent before it)
+
+    def start_clock(self, earlier: float = 0.0) -> None:
+        """Count the run's seconds from now, after `earlier` seconds spent by the runs it resumes (to their last
+        save); every save records the total, so a resumed run reports what the whole job cost."""
+        self.clock = (time.perf_counter(), earlier)
+
+    def elapsed(self) -> float:
+        started, earlier = self.clock
+        return earlier + time.perf_counter() - started
 
     @property
     def path(self) -> Path:
@@ -49,7 +60,7 @@ class Checkpoint:
         if not distributed.is_main():  # data-parallel ranks hold the same state: one writes it
             return
         with atomic_file(self.path) as partial:
-            torch.save(state | {"run": self.run}, partial)
+            torch.save(state | {"run": self.run, "elapsed": self.elapsed()}, partial)
 
     def clear(self) -> None:
         if not distributed.is_main():

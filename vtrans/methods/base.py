@@ -81,7 +81,7 @@ class Outcome:
     model: nn.Module  # cut to `kept`
     kept: Kept
     log: list = field(default_factory=list)  # training curves, rows of {phase, step, ...}
-    # wall time of choosing (with the cut) and of recovering, in this process: a resumed run counts from its resume
+    # wall time of choosing (with the cut) and of recovering; a resumed run adds what the runs before it spent
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -144,14 +144,18 @@ def run(job: Job, method: Method) -> Outcome:
     teacher = TeacherOutputs(job.teacher, job.objective, SAMPLE_TEACHER_BYTES if remembers else 0)
     state = job.checkpoint.load() if job.checkpoint is not None and job.resume else None
     started = time.perf_counter()
-    if state is not None and state["phase"] == "recover":
+    earlier = state.get("elapsed", 0.0) if state is not None else 0.0  # the interrupted runs', to their last save
+    if job.checkpoint is not None:
+        job.checkpoint.start_clock(earlier)
+    recovering = state is not None and state["phase"] == "recover"  # resumed with the choice made
+    if recovering:
         kept, log = Kept(**state["kept"]), state["log"]
         job.adapter.cut(kept)  # the weights, already folded, come from the checkpoint
     else:
         choice = method.choose(job, loader, teacher, state, method.prune_epochs(job))
         kept, log, state = choice.kept, choice.log, None
         cut_model(job.adapter, kept, choice.scale)
-    chosen = time.perf_counter()
+    choose_seconds = state.get("choose_seconds", 0.0) if recovering else earlier + time.perf_counter() - started
     settings = job.vtrans
     if settings is None:
         from vtrans.methods.vtrans import VTransSettings
@@ -162,7 +166,7 @@ def run(job: Job, method: Method) -> Outcome:
         teacher = TeacherOutputs(job.teacher, job.objective, 0)  # data seen once: nothing worth remembering
     if state is not None and "order" in state:  # resumed while recovering: the data order where recovery began
         restore_order(loader, state["order"])  # (a checkpoint from before vtrans kept it: a fresh order)
-    extra = {"kept": vars(kept)}
+    extra = {"kept": vars(kept), "choose_seconds": choose_seconds}
     if job.checkpoint is not None:  # taken before recovery draws its first batch; a collective for varied copies
         extra["order"] = order_state(loader)
     distill(
@@ -180,5 +184,6 @@ def run(job: Job, method: Method) -> Outcome:
         state=state,
         extra=extra,
     )
-    seconds = {"choose": chosen - started, "recover": time.perf_counter() - chosen}
+    total = earlier + time.perf_counter() - started
+    seconds = {"choose": choose_seconds, "recover": total - choose_seconds}
     return Outcome(model=job.model, kept=kept, log=log, seconds=seconds)
