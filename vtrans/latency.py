@@ -207,7 +207,7 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
     example); cached in `cache`."""
     from vtrans.arch import Kept, adapter_for
     from vtrans.data import example_count
-    from vtrans.surgery import cut_model, write_text
+    from vtrans.surgery import cut_model, write_cache
 
     batch = example_count(inputs)
 
@@ -246,10 +246,8 @@ def fit_latency(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seq_len
               for features, ratio in rows]
     result = LatencyModel(**(asdict(result) | {"fit_error": max(errors)}))
     if path is not None:
-        try:
-            write_text(path, json.dumps(asdict(result), indent=2) + "\n")
-        except OSError:  # a cache that cannot be written (read-only, full) costs the next run a measurement
-            pass
+        text = json.dumps(asdict(result), indent=2) + "\n"
+        write_cache(path, lambda partial: partial.write_text(text, encoding="utf-8"))
     return result
 
 

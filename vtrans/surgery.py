@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -118,6 +119,16 @@ def _flush_to_disk(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def write_cache(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(partial)` a cache entry through `atomic_file`. An entry that cannot be written (read-only cache,
+    full disk) is skipped: it costs the next run a recomputation, not this run its result."""
+    try:
+        with atomic_file(path) as partial:
+            write(partial)
+    except OSError:
+        pass
 
 
 def write_text(path: Path, text: str) -> None:

@@ -31,7 +31,7 @@ from vtrans.arch import MaskValues, call_layer, detach_masks, layer_stream, with
 from vtrans.data import Placed, example_count, stratified_indices, token_mask
 from vtrans.methods.base import Choice, Job
 from vtrans.methods.search import score_log, search_kept
-from vtrans.surgery import atomic_file
+from vtrans.surgery import write_cache
 from vtrans.teacher import cache_root, fingerprint
 
 
@@ -109,16 +109,6 @@ def _read(path: Path, dims) -> dict[str, torch.Tensor] | None:
     return scores if all(tuple(scores[g].shape) == shape for g, shape in shapes.items()) else None
 
 
-def _write(path: Path, scores: dict[str, torch.Tensor]) -> None:
-    """Atomically (runs at two budgets may score at once). A cache that cannot be written (read-only, full)
-    costs the next run a scoring, not this run its scores."""
-    try:
-        with atomic_file(path) as partial:
-            save_file(scores, partial)
-    except OSError:
-        pass
-
-
 def cached_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
     """`trajectory_scores`, read from the cache where a run of the same model, data and settings left them.
     Rank 0 reads the cache and hands its scores to the other ranks: one decision, since scoring is collective,
@@ -133,7 +123,7 @@ def cached_scores(job: Job, settings: OptinSettings) -> dict[str, torch.Tensor]:
         return found
     scores = trajectory_scores(job, settings, batch)
     if distributed.is_main():
-        _write(path, scores)
+        write_cache(path, functools.partial(save_file, scores))  # atomic: runs at two budgets may score at once
     return scores
 
 
