@@ -34,8 +34,33 @@ def test_all_ones_masks_reproduce_dense_logits(model_and_adapter):
     with torch.no_grad():
         dense = model(**batch).logits
     z, hidden_keep = masked_values(Kept.dense(adapter.dims()), adapter.dims())
-    masked = masked_logits(model, adapter, z, hidden_keep, batch)
+    # asked for gradients, the ones are applied by every hook (the masked norms included)
+    asked = {name: value.clone().requires_grad_() for name, value in z.items()}
+    masked = masked_logits(model, adapter, asked, hidden_keep, batch)
     assert torch.allclose(dense, masked, atol=1e-5), (dense - masked).abs().max()
+
+
+def test_mask_values_of_exactly_one_are_not_applied(model_and_adapter, monkeypatch):
+    """Ones asked for no gradient cost nothing (MaskValues.set): the norm hooks then leave the plain norm."""
+    model, adapter = model_and_adapter
+    batch = tiny_batch()
+    dims = adapter.dims()
+    z, hidden_keep = masked_values(Kept.dense(dims), dims)
+    values = MaskValues()
+    values.set(z, hidden_keep)
+    assert values.z == {} and values.hidden_keep is None
+    calls = []
+
+    def counted_norm(norm, rms, x, keep):
+        calls.append(keep)
+        return x
+    monkeypatch.setattr("vtrans.arch.base.masked_norm", counted_norm)
+    with torch.no_grad():
+        dense = model(**batch).logits
+    assert torch.equal(masked_logits(model, adapter, z, hidden_keep, batch), dense) and not calls
+    # one hidden dim dropped: the norms are masked again
+    masked_logits(model, adapter, z, hidden_keep * (torch.arange(dims.hidden) > 0), batch)
+    assert calls
 
 
 @pytest.mark.parametrize("scaled", [True, False])

@@ -241,7 +241,8 @@ def _step(job: Job, settings: VTransSettings, distill: DistillWeights, masks: VI
     total, rows = distributed.rows(count)  # one count over ranks: for the noise's rows and the loss weight
     if settled is None:  # search: sampled masks, this rank's rows of the global batch's noise
         hidden_keep = masks.hidden_keep()
-        values.set({name: z[rows] for name, z in masks.sample(total).items()}, hidden_keep)
+        held = _held_at_one(job)  # exactly 1, not applied (MaskValues.set); still drawn, for the same noise
+        values.set({name: z[rows] for name, z in masks.sample(total).items() if name not in held}, hidden_keep)
     else:  # settle: exactly the kept model, scaled by mu
         hidden_keep = settled["hidden"].float()
         values.set({name: (m.mu * settled[name]).unsqueeze(0) for name, m in masks.groups.items()}, hidden_keep)
