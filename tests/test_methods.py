@@ -421,6 +421,39 @@ def test_least_squares_values_minimise_the_stream_error_after_each_add(job, fami
     assert_each_fit_is_stationary(j, kept, scale, log, j.sample_loader(64))
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama-gqa"])
+def test_the_fit_computes_each_layer_only_as_often_as_its_fits_need(job, family, monkeypatch):
+    """Per layer and batch: the dense model's call (its references), the student's heads pass, its FFN pass and
+    its move to the next layer (none after the last). The first pass, which records the layers' arguments,
+    computes no layer (it took a fifth of the fit's time on MiniLM); a forward replaced on the instance (an
+    offloading hook's) is put back."""
+    j = job("fisher", family=family)
+    kept = baselines.search_kept(j.adapter, j.budget, baselines.fisher_scores(j, j.sample_loader(64)))
+    layers = list(j.adapter.layer_modules())
+    layer_class = type(layers[0])
+    calls = []
+    computed = layer_class.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return computed(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "forward", counted)
+    hooked = layers[0].forward  # as accelerate's offloading sets it: an attribute of the instance
+    layers[0].forward = hooked
+    try:
+        loader = j.sample_loader(64)
+        rescale(j, kept, RescaleSettings(samples=64), loader=loader)
+    finally:
+        own = vars(layers[0]).pop("forward")
+    assert own is hooked and all("forward" not in vars(layer) for layer in layers)
+    batches = min(len(loader), -(-64 // j.batch_size))
+    teacher_layers = list(adapter_for(j.teacher).layer_modules())
+    for i, (student, dense) in enumerate(zip(layers, teacher_layers)):
+        assert sum(c is dense for c in calls) == batches, (family, i)
+        assert sum(c is student for c in calls) == batches * (3 if i < len(layers) - 1 else 2), (family, i)
+
+
 def assert_each_fit_is_stationary(j, kept, scale, log, loader) -> None:
     """At the least-squares values, the gradient of the stream error after each add (on the kept hidden dims)
     with respect to that layer's values (the kept units') is under 1% of its gradient at plain values, on the

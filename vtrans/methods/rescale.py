@@ -13,6 +13,7 @@ with the stream's target vs 80.52% with the layer's output alone; faster-vtrans 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -140,10 +141,33 @@ def _output_into(captured: dict, key: str, stop: bool = False):
     return hook
 
 
+@contextlib.contextmanager
+def _passed_through(layers):
+    """Every layer hands its input stream on as it is, computing nothing: for a pass that only records the
+    layers' arguments (which depend on neither the weights nor the stream). A forward already replaced on the
+    instance (an offloading hook's) is put back."""
+    def passthrough(*args, **kwargs):
+        return layer_stream(args, kwargs)
+
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = passthrough
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 class _Replay:
     """One model's layers called again on stored inputs, one call per batch. A first forward pass records the
     arguments each layer got (attention mask, rotary embeddings, ...: a layer may get its own, e.g. a sliding
-    window) and layer 0's input stream, and stops after the last layer's arguments (no head is run);
+    window) and layer 0's input stream, and stops after the last layer's arguments (no head is run); its layers
+    compute nothing (`_passed_through`; computing them took a fifth of the fit on MiniLM: 8.9 s against 7.2 s for
+    Faster-VTrans's, 13.0 against 10.1 s for Fisher's);
     `advance` moves the stream on by one layer. `arguments`: another replay's, for a model of the same
     architecture and dtype (then the pass stops at layer 0). `values`/`scale`: the student's mask values, set
     before each of its calls (a fit changes them)."""
@@ -167,13 +191,14 @@ class _Replay:
             return hook
 
         hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        self._set_values()
+        self._set_values()  # layer 0's input: the embeddings' norm reads the hidden dims' values
         try:
-            for batch in batches:
-                try:
-                    model(**batch)
-                except _LayerDone:
-                    pass
+            with _passed_through(layers):
+                for batch in batches:
+                    try:
+                        model(**batch)
+                    except _LayerDone:
+                        pass
         finally:
             detach_masks(hooks)
 
