@@ -328,36 +328,50 @@ def test_augmented_batches_replace_a_share_of_the_real_tokens_by_tokens_of_the_b
     assert torch.equal(copies[0]["attention_mask"], batch["attention_mask"])
 
 
-@pytest.mark.parametrize("method, share, augmented", [("fast-vtrans", 0.15, True), ("fast-vtrans", 0.0, False),
-                                                     ("faster-vtrans", 0.15, False)])
-def test_fast_vtrans_trains_its_weights_on_augmented_copies_of_its_sample(job, monkeypatch, method, share,
-                                                                          augmented):
-    """Weights that train on a sample (Fast-VTrans, pruning and recovering) see varied copies, distilled from
-    the teacher without labels, and the teacher's outputs are not remembered (copies are never seen twice);
-    with --augment 0, and for Faster-VTrans's masks, the sample as it is, the teacher's outputs remembered."""
+@pytest.mark.parametrize("method, share, recover_fraction, augmented", [
+    ("fast-vtrans", 0.15, None, True),
+    ("fast-vtrans", 0.0, None, False),
+    ("faster-vtrans", 0.15, None, True),  # asked to recover on its sample: as Fast-VTrans's weights do
+    ("fast-vtrans", 0.15, 1.0, False),  # recovering on all the data: as it is
+])
+def test_weights_recover_on_varied_copies_of_a_sample_and_masks_search_it_as_it_is(job, monkeypatch, method, share,
+                                                                                 recover_fraction, augmented):
+    """Weights that recover on a sample (Fast-VTrans's) see varied copies, distilled from the teacher without
+    labels, and the teacher's outputs are not remembered (copies are never seen twice); with --augment 0, or
+    recovering on all the data, the data as it is. The mask search, whatever follows, sees the sample as it
+    is, the teacher's outputs remembered."""
     import vtrans.training as training
 
-    j = job(method, data_fraction=0.25, prune_epochs=1.0, recover_epochs=1.0, augment=share)
-    originals = {tuple(row[mask.bool()].tolist()) for batch in j.loader(0.25)
+    j = job(method, data_fraction=0.25, prune_epochs=1.0, recover_epochs=1.0, augment=share,
+            recover_fraction=recover_fraction)
+    originals = {tuple(row[mask.bool()].tolist()) for batch in j.train.loader(64)
                  for row, mask in zip(batch["input_ids"], batch["attention_mask"])}
-    seen, memory = [], []
-    distill_loss, teacher_call = training.distill_loss, training.TeacherOutputs.__call__
+    seen = {"search": [], "recover": []}  # per teacher call: (a varied copy in the batch, remembering)
+    unlabelled = []  # per recovery loss: whether it ran without labels
+    phase = ["search"]
+    distill, distill_loss, teacher_call = training.distill, training.distill_loss, training.TeacherOutputs.__call__
 
-    def recording_loss(student, teacher, labels, attention_mask, *args, **kwargs):
-        seen.append(labels is None)
-        return distill_loss(student, teacher, labels, attention_mask, *args, **kwargs)
+    def recording_loss(student, teacher, labels, *args, **kwargs):
+        unlabelled.append(labels is None)
+        return distill_loss(student, teacher, labels, *args, **kwargs)
+
+    def recording_distill(*args, **kwargs):
+        phase[0] = "recover"
+        return distill(*args, **kwargs)
 
     def recording_teacher(self, batch):
-        memory.append(self.max_bytes)
         rows = zip(batch["input_ids"], batch["attention_mask"])
-        seen.append(sum(tuple(row[mask.bool()].tolist()) not in originals for row, mask in rows) > 0)
+        varied = sum(tuple(row[mask.bool()].tolist()) not in originals for row, mask in rows) > 0
+        seen[phase[0]].append((varied, self.max_bytes > 0))
         return teacher_call(self, batch)
+    monkeypatch.setattr(methods_base, "distill", recording_distill)
     monkeypatch.setattr(training, "distill_loss", recording_loss)
-    monkeypatch.setattr(vtrans_method, "distill_loss", recording_loss)
     monkeypatch.setattr(training.TeacherOutputs, "__call__", recording_teacher)
     run(j)
-    assert seen and all(s == augmented for s in seen), seen
-    assert all((bytes_ == 0) == augmented for bytes_ in memory), memory
+    assert unlabelled and all(u == augmented for u in unlabelled), unlabelled
+    assert seen["search"] and all(call == (False, True) for call in seen["search"]), seen["search"]
+    assert seen["recover"] and all(call == (augmented, False if augmented or recover_fraction else True)
+                                   for call in seen["recover"]), seen["recover"]
 
 
 def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):

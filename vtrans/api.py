@@ -50,7 +50,7 @@ class Options:
     recover_epochs: float | None = None
     data_fraction: float = 0.03  # fast-vtrans and faster-vtrans learn from this label-stratified share
     recover_fraction: float | None = None  # share of the data recovery distils on; None: what the method learned from
-    augment: float = 0.15  # fast-vtrans: share of tokens replaced in the varied copies of the sample it trains on
+    augment: float = 0.15  # share of tokens replaced in the varied copies of a sample that weights recover on
     # mask training (vtrans, fast-vtrans, faster-vtrans); see methods/vtrans.py
     mask_init: str = "fisher"  # log_alpha spread by Fisher information per cost, or "uniform"
     mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1]

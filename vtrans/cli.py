@@ -62,10 +62,10 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                              "the sample for fast/faster-vtrans, varied for fast-vtrans, all of it for the others); "
                              "1 gives every method the same recovery, on the data as it is")
     parser.add_argument("--augment", type=float, default=DEFAULTS.augment,
-                        help="fast-vtrans on text classification: its weights train on copies of the sample with "
-                             "this share of the tokens replaced by others of the batch, labelled by the teacher: on "
-                             "the sample itself they overfit it; other data trains as it is (default: 0.15; 0: the "
-                             "sample as it is)")
+                        help="text classification: weights that recover on a sample (fast-vtrans's) train on "
+                             "copies of it with this share of the tokens replaced by others of the batch, labelled "
+                             "by the teacher: on the sample itself they overfit it; other data trains as it is "
+                             "(default: 0.15; 0: the sample as it is)")
     parser.add_argument("--round-to", type=int, default=DEFAULTS.round_to,
                         help="keep FFN neurons per layer and hidden dims in multiples of this (e.g. 8 or 64: "
                              "matrix sizes kernels like), still within the budget (default: 1)")

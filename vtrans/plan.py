@@ -19,7 +19,7 @@ Peak memory is an estimate, per process, of the largest things a run holds at on
                  where a language model's head reads all B x S tokens and a classifier's one per sequence
     OPTIN        forward only, but on its calibration sequences times the units it ablates per forward (8 x 32):
                  one layer's activations and the head's logits for that many sequences
-    rescale      the least-squares rescaling (methods/rescale.py: fisher, and faster-vtrans), after training has
+    rescale      the least-squares rescaling (methods/rescale.py: fisher, fast- and faster-vtrans), after training has
                  let go of its activations: its 512 examples' residual streams, the process's share of them, at
                  the current layer (the student's, the dense model's and the dense stream after each group's
                  add) and the next while it advances: 5 x 512 x S x h floats; the layers' recorded attention

@@ -5,11 +5,12 @@ from vtrans.methods.base import run as _run
 
 METHODS = {
     "vtrans": Method(vtrans.choose_trained, trains=True),
-    "fast-vtrans": Method(
-        vtrans.choose_trained,
+    "fast-vtrans": Method(  # Faster-VTrans's search, then its weights train on the sample (methods/vtrans.py)
+        vtrans.choose_frozen,
         sampled=True,
         trains=True,
         prunes_hidden=False,
+        rescales=vtrans.rescales_frozen,
     ),
     "faster-vtrans": Method(
         vtrans.choose_frozen,

@@ -101,8 +101,8 @@ class Method:
     (or None), `epochs` how long to prune (methods that do not train ignore it).
     A `sampled` method learns (and recovers, unless `recover_fraction` says otherwise) on a label-stratified
     `data_fraction` of the data; a `trains` method recovers after the cut by default (as many epochs as it
-    pruned), the others only when asked. A method both sampled and trained (Fast-VTrans) trains its weights on
-    varied copies of the sample, labelled by the teacher (`Job.augment`, data.Augmented).
+    pruned), the others only when asked. Weights that recover on a sample (Fast-VTrans's) train on varied
+    copies of it, labelled by the teacher (`Job.augment`, data.Augmented).
 
     What a run holds in memory (`vtrans plan`): `backprop`, whether choosing backpropagates into masks or
     weights; `forward_sequences`, how many sequences one forward carries on every process when the method
@@ -132,16 +132,9 @@ def run(job: Job, method: Method) -> Outcome:
     """Choose, cut, recover. A run killed while recovering resumes from its cut model and recovery state."""
     job = replace(job, prunes_hidden=method.prunes_hidden and job.objective.prunes_hidden)
     loader = job.loader(job.data_fraction if method.sampled else 1.0)
-    # weights trained on a few hundred examples overfit them: they see copies varied anew every epoch (measured
-    # on MiniLM at flops=0.4, see the README). Faster-VTrans's masks learn from the sample as it is, so that the
-    # teacher's outputs can be remembered: a good part of its speed
-    augmented = method.sampled and method.trains and job.augment > 0 and job.train.augments
-    if augmented:
-        loader = Augmented(loader, job.train, job.augment, job.seed)
-    # a sample is seen many times: remember the teacher's outputs (the full data is seen once or twice; copies
-    # varied anew are never seen twice)
-    remembers = method.sampled and not augmented
-    teacher = TeacherOutputs(job.teacher, job.objective, SAMPLE_TEACHER_BYTES if remembers else 0)
+    # masks searched on a sample see it many times, as it is: remember the teacher's outputs (the full data is
+    # seen once or twice)
+    teacher = TeacherOutputs(job.teacher, job.objective, SAMPLE_TEACHER_BYTES if method.sampled else 0)
     state = job.checkpoint.load() if job.checkpoint is not None and job.resume else None
     started = time.perf_counter()
     earlier = state.get("elapsed", 0.0) if state is not None else 0.0  # the interrupted runs', to their last save
@@ -164,6 +157,11 @@ def run(job: Job, method: Method) -> Outcome:
     if job.recover_fraction is not None:  # e.g. a sampled method's choice, recovered like every other method's
         loader = job.loader(job.recover_fraction)
         teacher = TeacherOutputs(job.teacher, job.objective, 0)  # data seen once: nothing worth remembering
+    elif method.sampled and job.augment > 0 and job.train.augments:
+        # weights trained on a few hundred examples overfit them: they see copies varied anew every epoch
+        # (measured on MiniLM at flops=0.4, see the README), never seen twice: nothing worth remembering
+        loader = Augmented(loader, job.train, job.augment, job.seed)
+        teacher = TeacherOutputs(job.teacher, job.objective, 0)
     if state is not None and "order" in state:  # resumed while recovering: the data order where recovery began
         restore_order(loader, state["order"])  # (a checkpoint from before vtrans kept it: a fresh order)
     extra = {"kept": vars(kept), "choose_seconds": choose_seconds}
