@@ -59,7 +59,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                         help="share of the data fast-vtrans and faster-vtrans learn from (default: 0.03)")
     parser.add_argument("--recover-fraction", type=float, default=DEFAULTS.recover_fraction,
                         help="share of the data the recovery distils on (default: what the method learned from: "
-                             "the sample for fast/faster-vtrans, varied for fast-vtrans, all of it for the others); "
+                             "the sample for fast/faster-vtrans, in varied copies on text, all of it for the others); "
                              "1 gives every method the same recovery, on the data as it is")
     parser.add_argument("--augment", type=float, default=DEFAULTS.augment,
                         help="text classification: weights that recover on a sample (fast-vtrans's) train on "

@@ -7,9 +7,9 @@ weights on varied copies of the sample (its recovery: methods/base.py, data.Augm
 the choice. Weights that trained with the masks on so small a sample made the masks choose worse: on MiniLM at
 flops=0.4, that Fast-VTrans scored 84.06% (three seeds) against 85.05% this way, and its choice before a
 full recovery was 0.97 points below Fisher's, where the frozen search's ties it (README, eighteenth session).
-Both keep the hidden width: removing hidden dims changes
-every LayerNorm's statistics, which frozen weights cannot follow (measured: 1.6-1.9 points lost at flops=0.4
-and 0.6 on MiniLM when faster-vtrans pruned them), nor weights that see a few hundred examples.
+Both keep the hidden width: removing hidden dims changes every LayerNorm's statistics, which frozen weights
+cannot follow (measured: 1.6-1.9 points lost at flops=0.4 and 0.6 on MiniLM when faster-vtrans pruned them),
+nor weights that see a few hundred examples.
 
 Pruning runs in two phases over its steps:
 
