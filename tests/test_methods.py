@@ -374,6 +374,29 @@ def test_weights_recover_on_varied_copies_of_a_sample_and_masks_search_it_as_it_
                                    for call in seen["recover"]), seen["recover"]
 
 
+def test_the_recovery_warms_its_learning_rate_up_then_decays_it(job, monkeypatch):
+    """A fresh AdamW's first steps move every weight by about the full rate, which a short recovery does not
+    repair (README, nineteenth session): the recovery's rate rises over its first tenth of steps, then decays
+    linearly towards 0."""
+    from vtrans.methods.vtrans import VTransSettings
+
+    rates = []  # the learning rate of each recovery step (fisher trains nothing before it)
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run(job("fisher", recover_epochs=3.0))  # 200 rows in batches of 16: 39 steps, 3 of them warming up
+    top = VTransSettings().recover_lr
+    assert len(rates) == 39, len(rates)
+    assert rates[0] == pytest.approx(top / 3) and rates[1] == pytest.approx(2 * top / 3), rates[:3]
+    peak = rates.index(max(rates))
+    assert peak == 2 and rates[2] > 0.9 * top, rates[:3]
+    assert all(later < earlier for earlier, later in zip(rates[peak:], rates[peak + 1:])), rates
+    assert rates[-1] == pytest.approx(top / 39), rates[-1]
+
+
 def test_faster_vtrans_sets_the_kept_units_by_least_squares(job):
     """With frozen weights the trained mu is replaced, at the end, by the least-squares values fitted on the
     method's own sample: over the layers, the cut model's residual stream is closer to the dense model's."""

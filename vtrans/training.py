@@ -166,17 +166,29 @@ def distill_loss(
     return {"loss": total, "task": task.detach(), "distill": (logits + hidden).detach()}
 
 
+def linear_schedule(steps: int, warmup: float = 0.0):
+    """The learning rate's factor at each of `steps` steps: rising linearly over the first `warmup` share of
+    them, falling linearly to 0 over all of them (whichever is lower)."""
+    warmup_steps = max(1, int(warmup * steps))
+
+    def factor(step: int) -> float:
+        return min((step + 1) / warmup_steps, 1 - step / steps)
+
+    return factor
+
+
 def train_steps(model, loader, steps: int, lr: float, loss_of, desc: str, log: list | None = None,
-                phase: str = "", checkpoint: Checkpoint | None = None, state: dict | None = None,
-                extra: dict | None = None) -> None:
-    """AdamW with linear decay for `steps` batches; `loss_of(batch)` returns {'loss', other logged values}.
+                phase: str = "", warmup: float = 0.0, checkpoint: Checkpoint | None = None,
+                state: dict | None = None, extra: dict | None = None) -> None:
+    """AdamW for `steps` batches, its learning rate warming up over the first `warmup` share of them, then
+    decaying linearly; `loss_of(batch)` returns {'loss', other logged values}.
 
     With a checkpoint, the state (with `extra`) is saved every `checkpoint.every` steps; `state`, from such a
     checkpoint, continues where it stopped."""
     if not steps:
         return
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, warmup))
     objects = {"model": model, "optimizer": optimizer, "schedule": schedule}
     start = restore(state, objects) if state is not None else 0
     model.train()
@@ -202,9 +214,9 @@ def finetune(model, loader, epochs: float, lr: float, desc: str = "fine-tuning t
 
 def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWeights, objective: Objective,
             hidden_index: torch.Tensor | None = None, desc: str = "recovering", log: list | None = None,
-            **checkpointing) -> None:
-    """Train a (cut) student to match the teacher for `steps` batches; its structure is fixed. `teacher`
-    is the model or a `TeacherOutputs` of it."""
+            warmup: float = 0.0, **checkpointing) -> None:
+    """Train a (cut) student to match the teacher for `steps` batches, the learning rate warming up over the
+    first `warmup` share of them; its structure is fixed. `teacher` is the model or a `TeacherOutputs` of it."""
     teacher_outputs = teacher if isinstance(teacher, TeacherOutputs) else TeacherOutputs(teacher, objective, 0)
 
     def loss_of(batch):
@@ -214,4 +226,4 @@ def distill(student, teacher, loader, steps: int, lr: float, weights: DistillWei
         return distill_loss(out, target, labels, token_mask(batch, out.hidden_states[0].shape[:2]), weights,
                             objective, hidden_index=hidden_index)
     with frozen_input_embeddings(student):
-        train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover", **checkpointing)
+        train_steps(student, loader, steps, lr, loss_of, desc, log, phase="recover", warmup=warmup, **checkpointing)

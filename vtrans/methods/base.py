@@ -178,6 +178,7 @@ def run(job: Job, method: Method) -> Outcome:
         hidden_index=torch.tensor(kept.hidden, dtype=torch.long),
         desc=f"{job.method}: recovering",
         log=log,
+        warmup=settings.recover_warmup,
         checkpoint=job.checkpoint,
         state=state,
         extra=extra,
