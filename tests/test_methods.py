@@ -328,18 +328,21 @@ def test_augmented_batches_replace_a_share_of_the_real_tokens_by_tokens_of_the_b
     assert torch.equal(copies[0]["attention_mask"], batch["attention_mask"])
 
 
-@pytest.mark.parametrize("method, share, recover_fraction, augmented", [
-    ("fast-vtrans", 0.15, None, True),
-    ("fast-vtrans", 0.0, None, False),
-    ("faster-vtrans", 0.15, None, True),  # asked to recover on its sample: as Fast-VTrans's weights do
-    ("fast-vtrans", 0.15, 1.0, False),  # recovering on all the data: as it is
+@pytest.mark.parametrize("method, share, recover_fraction, augmented, teacher_alone", [
+    ("fast-vtrans", 0.15, None, True, True),
+    ("fast-vtrans", 0.0, None, False, True),
+    ("faster-vtrans", 0.15, None, True, True),  # asked to recover on its sample: as Fast-VTrans's weights do
+    ("fast-vtrans", 0.15, 1.0, False, False),  # recovering on all the data: as it is, with its labels
 ])
 def test_weights_recover_on_varied_copies_of_a_sample_and_masks_search_it_as_it_is(job, monkeypatch, method, share,
-                                                                                 recover_fraction, augmented):
-    """Weights that recover on a sample (Fast-VTrans's) see varied copies, distilled from the teacher without
-    labels, and the teacher's outputs are not remembered (copies are never seen twice); with --augment 0, or
-    recovering on all the data, the data as it is. The mask search, whatever follows, sees the sample as it
-    is, the teacher's outputs remembered."""
+                                                                                 recover_fraction, augmented,
+                                                                                 teacher_alone):
+    """Weights that recover on a sample (Fast-VTrans's) learn from the teacher's outputs alone (no task loss on
+    the labels) and see varied copies, whose outputs are not remembered (copies are never seen twice); with
+    --augment 0 the sample as it is; recovering on all the data, the data as it is, with its labels. The mask
+    search, whatever follows, sees the sample as it is, the teacher's outputs remembered."""
+    import inspect
+
     import vtrans.training as training
 
     j = job(method, data_fraction=0.25, prune_epochs=1.0, recover_epochs=1.0, augment=share,
@@ -348,11 +351,14 @@ def test_weights_recover_on_varied_copies_of_a_sample_and_masks_search_it_as_it_
                  for row, mask in zip(batch["input_ids"], batch["attention_mask"])}
     seen = {"search": [], "recover": []}  # per teacher call: (a varied copy in the batch, remembering)
     unlabelled = []  # per recovery loss: whether it ran without labels
+    alone = []  # per recovery loss: whether only the teacher's outputs were targets (no labels, or no task weight)
     phase = ["search"]
     distill, distill_loss, teacher_call = training.distill, training.distill_loss, training.TeacherOutputs.__call__
 
     def recording_loss(student, teacher, labels, *args, **kwargs):
+        weights = inspect.signature(distill_loss).bind(student, teacher, labels, *args, **kwargs).arguments["weights"]
         unlabelled.append(labels is None)
+        alone.append(labels is None or weights.task == 0)
         return distill_loss(student, teacher, labels, *args, **kwargs)
 
     def recording_distill(*args, **kwargs):
@@ -369,6 +375,7 @@ def test_weights_recover_on_varied_copies_of_a_sample_and_masks_search_it_as_it_
     monkeypatch.setattr(training.TeacherOutputs, "__call__", recording_teacher)
     run(j)
     assert unlabelled and all(u == augmented for u in unlabelled), unlabelled
+    assert all(a == teacher_alone for a in alone), alone
     assert seen["search"] and all(call == (False, True) for call in seen["search"]), seen["search"]
     assert seen["recover"] and all(call == (augmented, False if augmented or recover_fraction else True)
                                    for call in seen["recover"]), seen["recover"]
