@@ -105,7 +105,7 @@ class VTransSettings:
     recover_lr: float = 5e-5  # weights of the cut model, while recovering
     # share of the recovery over which its learning rate rises to recover_lr: a fresh AdamW's first steps move
     # every weight by about the full rate, which a short recovery does not repair (DINOv2, fast-vtrans at
-    # flops=0.4: 83.95% with it, 81.35% without; README nineteenth session)
+    # flops=0.4: 82.90% with it, 81.35% without; README nineteenth session)
     recover_warmup: float = 0.1
     mask_lr: float | None = None  # None: 4 / ramp steps, within [0.01, 0.1] (short runs need bigger steps)
     lagrangian_lr: float = 0.1  # plain gradient ascent on the lambdas
